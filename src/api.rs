@@ -1,0 +1,218 @@
+//! The `WgtwoGrant` custom resource: the single source of truth for the CRD in `crds/`.
+//!
+//! Everything that can be checked without talking to a server is checked by the apiserver through
+//! the schema (patterns, lengths, CEL rules), so a bad object is refused at `kubectl apply` time with
+//! a message naming the field, instead of turning into a runtime condition later.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The identity service the official wgtwo SDK talks to by default.
+pub const DEFAULT_ISSUER_URL: &str = "https://id.wgtwo.com";
+/// The key of the refresh token in `refreshTokenSecretRef` when none is given.
+pub const DEFAULT_REFRESH_TOKEN_KEY: &str = "refresh_token";
+
+/// A DNS-1123 subdomain: what Kubernetes accepts as a Secret name.
+const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// What Kubernetes accepts as a key of a Secret's data.
+const SECRET_KEY: &str = r"^[-._a-zA-Z0-9]+$";
+/// RFC 6749 section 3.3: scope tokens of visible ASCII except `"` and `\`, separated by one space.
+const SCOPE: &str = r"^[\x21\x23-\x5B\x5D-\x7E]+( [\x21\x23-\x5B\x5D-\x7E]+)*$";
+/// A Go-style duration in whole hours, minutes and seconds (`20m`, `1h30m`, `90s`).
+const DURATION: &str = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$";
+
+/// Keeps a wgtwo OAuth 2.0 access token alive in a Secret, refreshed from a user's authorization.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "auth.wgtwo.com",
+    version = "v1alpha1",
+    kind = "WgtwoGrant",
+    plural = "wgtwogrants",
+    singular = "wgtwogrant",
+    shortname = "wggrant",
+    category = "wgtwo",
+    namespaced,
+    status = "WgtwoGrantStatus",
+    doc = "A WgtwoGrant keeps a live wgtwo OAuth 2.0 access token in a Secret of its namespace, refreshed ahead of expiry from a subscriber's authorization (its refresh token).",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.expiresAt","description":"When the access token in the target Secret expires"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new(
+    "self.target.secretName != self.clientSecretRef.name && self.target.secretName != self.refreshTokenSecretRef.name"
+).message("target.secretName must differ from clientSecretRef.name and refreshTokenSecretRef.name: the operator writes the target and must never overwrite its inputs"))]
+#[serde(rename_all = "camelCase")]
+pub struct WgtwoGrantSpec {
+    /// Base URL of the wgtwo identity service (an OpenID Connect issuer). Must be https, except for
+    /// localhost when testing against a local server.
+    #[serde(default = "default_issuer_url")]
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new(
+        "isURL(self) && !self.contains('?') && !self.contains('#') && (url(self).getScheme() == 'https' || (url(self).getScheme() == 'http' && url(self).getHostname() in ['localhost', '127.0.0.1', '::1']))"
+    ).message("issuerUrl must be an absolute https:// URL without query or fragment (http:// is allowed only for localhost)"))]
+    pub issuer_url: String,
+
+    /// The Secret in this namespace holding the OAuth client, under the keys `client_id` and
+    /// `client_secret`.
+    pub client_secret_ref: ClientSecretRef,
+
+    /// The Secret key in this namespace holding the refresh token of a completed authorization. The
+    /// operator reads it and never writes it; put a new refresh token here to re-authorize.
+    pub refresh_token_secret_ref: RefreshTokenSecretRef,
+
+    /// The Secret the operator creates, owns and keeps updated with the live access token.
+    pub target: TargetSecret,
+
+    /// Space-separated scopes to request on refresh, narrowing the authorized scope (for example
+    /// `phone offline_access`). When unset, the authorized scope is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096), regex(pattern = SCOPE))]
+    pub scope: Option<String>,
+
+    /// How much validity must remain on the access token when the operator refreshes it, as a
+    /// duration in hours, minutes and seconds (for example `20m` or `1h30m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 32), regex(pattern = DURATION))]
+    #[x_kube(validation = Rule::new("duration(self) > duration('0s')").message("refreshBefore must be a positive duration such as 20m"))]
+    pub refresh_before: Option<String>,
+}
+
+/// A Secret in the grant's namespace holding an OAuth client.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientSecretRef {
+    /// Name of the Secret; it must have the keys `client_id` and `client_secret`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
+    pub name: String,
+}
+
+/// A key of a Secret in the grant's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RefreshTokenSecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
+    pub name: String,
+    /// Key within the Secret that holds the refresh token.
+    #[serde(default = "default_refresh_token_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_KEY))]
+    pub key: String,
+}
+
+/// Where the live access token is published.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetSecret {
+    /// Name of the Secret in this namespace that the operator creates and owns. It holds
+    /// `access_token`, `token_type`, `expires_at`, `scope` and, when known, `phone_number`; never
+    /// the refresh token. An existing Secret not owned by this grant is never overwritten.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
+    pub secret_name: String,
+}
+
+/// The observed state of a WgtwoGrant.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WgtwoGrantStatus {
+    /// The grant's conditions. `Ready` is `True` while the target Secret holds a valid access token;
+    /// its reason says why not otherwise, and its message what to do.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// When the access token in the target Secret expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// When the access token was last refreshed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh_time: Option<Time>,
+    /// When the operator plans the next refresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_refresh_time: Option<Time>,
+    /// The scope granted to the current access token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// The subject (user id) the authorization belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// The metadata.generation of the spec that this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+fn default_issuer_url() -> String {
+    DEFAULT_ISSUER_URL.to_owned()
+}
+
+fn default_refresh_token_key() -> String {
+    DEFAULT_REFRESH_TOKEN_KEY.to_owned()
+}
+
+/// The CRD as YAML, exactly as checked in under `crds/`.
+pub fn crd_yaml() -> String {
+    let yaml = serde_yaml_ng::to_string(&WgtwoGrant::crd()).expect("the CRD always serializes");
+    format!("# Generated by `wgtwo-operator crd` from src/api.rs; do not edit.\n---\n{yaml}")
+}
+
+/// Where the generated CRD is checked in, relative to the repository root.
+pub const CRD_PATH: &str = "crds/wgtwogrants.auth.wgtwo.com.yaml";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_json() -> serde_json::Value {
+        serde_json::json!({
+            "clientSecretRef": {"name": "wgtwo-client"},
+            "refreshTokenSecretRef": {"name": "alice-authorization"},
+            "target": {"secretName": "alice-token"},
+        })
+    }
+
+    #[test]
+    fn omitted_optional_fields_take_the_documented_defaults() {
+        let spec: WgtwoGrantSpec = serde_json::from_value(spec_json()).unwrap();
+        assert_eq!(spec.issuer_url, "https://id.wgtwo.com");
+        assert_eq!(spec.refresh_token_secret_ref.key, "refresh_token");
+        assert_eq!(spec.scope, None);
+        assert_eq!(spec.refresh_before, None);
+    }
+
+    #[test]
+    fn every_schema_property_has_a_description() {
+        let crd = serde_json::to_value(WgtwoGrant::crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let mut missing = Vec::new();
+        walk_properties(&schema["properties"]["spec"], "spec", &mut missing);
+        walk_properties(&schema["properties"]["status"], "status", &mut missing);
+        assert!(missing.is_empty(), "fields without a description: {missing:?}");
+    }
+
+    fn walk_properties(node: &serde_json::Value, path: &str, missing: &mut Vec<String>) {
+        if node.get("description").and_then(|d| d.as_str()).is_none_or(str::is_empty) {
+            missing.push(path.to_owned());
+        }
+        if let Some(props) = node.get("properties").and_then(|p| p.as_object()) {
+            for (name, child) in props {
+                walk_properties(child, &format!("{path}.{name}"), missing);
+            }
+        }
+        if let Some(items) = node.get("items") {
+            // Items of a list share the list's description; walk their fields only.
+            if let Some(props) = items.get("properties").and_then(|p| p.as_object()) {
+                for (name, child) in props {
+                    walk_properties(child, &format!("{path}[].{name}"), missing);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_yaml_starts_with_the_generated_banner_and_names_the_group() {
+        let yaml = crd_yaml();
+        assert!(yaml.starts_with("# Generated by `wgtwo-operator crd`"));
+        assert!(yaml.contains("name: wgtwogrants.auth.wgtwo.com"));
+    }
+}

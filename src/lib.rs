@@ -1,0 +1,3 @@
+//! wgtwo-operator: keeps wgtwo OAuth 2.0 access tokens alive in Kubernetes Secrets.
+
+pub mod api;

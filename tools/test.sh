@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every check CI runs: formatting, lints, and all tests (unit + end-to-end against a real
+# kube-apiserver/etcd and a real Ory Hydra, built by tools/testenv/build.sh on first use).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+step() { echo "==> $* ($(( $(date +%s) - start ))s)"; }
+
+step "building or reusing the test peers (kube-apiserver, etcd, kubectl, hydra)"
+bins=$(tools/testenv/build.sh)
+echo "$bins"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+
+# The harness kills every server it starts; prove it, so a leak cannot go unnoticed.
+step "checking for leftover test processes"
+cache_root=$(dirname "$(dirname "$(echo "$bins" | head -1 | cut -d= -f2)")")
+leftover=$(pgrep -fa "^$cache_root/" || true)
+if [[ -n "$leftover" ]]; then
+  echo "leftover processes after the tests:"; echo "$leftover"; exit 1
+fi
+step "all checks passed"
+# One closing line with the totals over every test binary.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

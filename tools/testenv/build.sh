@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Builds the real peers the tests run against (kube-apiserver, etcd, kubectl, Ory Hydra) from the
+# Go module proxy, once per machine, into a cache outside the checkout keyed by the wrapper module's
+# content (so a version bump rebuilds and an unchanged wrapper never does).
+#
+#   tools/testenv/build.sh            build what is missing, print one "name=/path/to/binary" per line
+#   tools/testenv/build.sh kube       only the Kubernetes side (kube-apiserver, etcd, kubectl)
+#   tools/testenv/build.sh hydra      only Hydra
+#
+# Cache root: $WGTWO_TESTENV_CACHE, default ~/.cache/wgtwo-operator/testenv.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cache=${WGTWO_TESTENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/wgtwo-operator/testenv}
+mkdir -p "$cache"
+export GOFLAGS="${GOFLAGS:-} -buildvcs=false -trimpath"
+export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
+
+# version MODULE DIR: the version of MODULE that the wrapper in DIR requires.
+version() { (cd "$here/$2" && go list -m -f '{{.Version}}' "$1"); }
+
+# key DIR: a short hash of every file of the wrapper module and of this script (its build flags).
+key() { { (cd "$1" && find . -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) -print0 | sort -z | xargs -0 sha256sum); sha256sum < "$here/build.sh"; } | sha256sum | cut -c1-12; }
+
+# ensure NAME VERSION BUILD_FN: run BUILD_FN into a temp dir once, then move it into place atomically.
+ensure() {
+  local name=$1 version=$2 fn=$3 dir
+  dir="$cache/$name-$version-$(key "$here/$name")"
+  if [[ ! -f "$dir/.complete" ]]; then
+    exec 9>"$cache/$name.lock"
+    flock 9
+    if [[ ! -f "$dir/.complete" ]]; then
+      local tmp start
+      tmp=$(mktemp -d "$cache/.$name.XXXXXX")
+      start=$(date +%s)
+      echo "testenv: building $name $version into $dir (cold build, takes minutes)" >&2
+      (cd "$here/$name" && "$fn" "$tmp")
+      echo "testenv: built $name in $(( $(date +%s) - start ))s" >&2
+      touch "$tmp/.complete"
+      rm -rf "$dir"
+      mv "$tmp" "$dir"
+    fi
+    exec 9>&-
+  fi
+  for f in "$dir"/*; do echo "$(basename "$f")=$f"; done
+}
+
+build_kube() {
+  # Stamp the real version, as Kubernetes' own build does, so clients' version checks see v1.37.x.
+  local v minor flags
+  v=$(version k8s.io/kubernetes kube)
+  minor=$(echo "$v" | cut -d. -f2)
+  flags="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+  done
+  go build -ldflags="$flags" -o "$1/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+  go build -ldflags="$flags" -o "$1/kubectl" k8s.io/kubernetes/cmd/kubectl
+  go build -ldflags='-s -w' -o "$1/etcd" ./cmd/etcd
+}
+
+build_hydra() {
+  # The sqlite tag gives Hydra its in-memory store (DSN memory); it needs cgo.
+  CGO_ENABLED=1 go build -tags sqlite,sqlite_omit_load_extension \
+    -ldflags="-s -w -X github.com/ory/hydra/v2/driver/config.Version=$(version github.com/ory/hydra/v2 hydra)" \
+    -o "$1/hydra" github.com/ory/hydra/v2
+}
+
+
+case "${1:-all}" in
+  kube) ensure kube "$(version k8s.io/kubernetes kube)" build_kube ;;
+  hydra) ensure hydra "$(version github.com/ory/hydra/v2 hydra)" build_hydra ;;
+  all) ensure kube "$(version k8s.io/kubernetes kube)" build_kube; ensure hydra "$(version github.com/ory/hydra/v2 hydra)" build_hydra ;;
+  *) echo "usage: $0 [all|kube|hydra]" >&2; exit 2 ;;
+esac

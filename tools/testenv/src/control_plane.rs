@@ -1,0 +1,266 @@
+//! etcd + kube-apiserver with RBAC authorization, the repo's CRDs installed, and clients for an
+//! admin (system:masters) and for ServiceAccounts (TokenRequest tokens, subject to RBAC).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::certs::Pki;
+use crate::process::{ChildGuard, wait_until};
+use crate::{binaries, free_port};
+
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub struct ControlPlane {
+    // Field order is drop order: the apiserver stops before etcd, and the dir goes last.
+    apiserver: ChildGuard,
+    etcd: ChildGuard,
+    url: String,
+    pki: Pki,
+    admin_kubeconfig: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver on free loopback ports and installs the repo's `crds/`.
+    pub async fn start() -> anyhow::Result<Self> {
+        let cp = Self::start_bare().await?;
+        cp.install_crds(&crate::repo_root().join("crds")).await?;
+        Ok(cp)
+    }
+
+    /// Starts etcd and kube-apiserver without installing any CRD.
+    pub async fn start_bare() -> anyhow::Result<Self> {
+        let dir = crate::temp_dir("wgtwo-kube-")?;
+        let pki = Pki::generate()?;
+        let files = [
+            ("ca.crt", &pki.ca_pem),
+            ("apiserver.crt", &pki.serving_cert_pem),
+            ("apiserver.key", &pki.serving_key_pem),
+            ("service-account.key", &pki.service_account_key_pem),
+            ("service-account.pub", &pki.service_account_public_pem),
+        ];
+        for (name, pem) in files {
+            std::fs::write(dir.path().join(name), pem)?;
+        }
+
+        let (client_port, peer_port) = (free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let mut etcd_cmd = Command::new(binaries::path("etcd"));
+        etcd_cmd
+            .arg("--name=testenv")
+            .arg(format!("--data-dir={}", dir.path().join("etcd").display()))
+            .arg(format!("--listen-client-urls={etcd_url}"))
+            .arg(format!("--advertise-client-urls={etcd_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=testenv={peer_url}"))
+            // Throwaway data: skip fsync so a 2-core machine is not bound by disk flushes.
+            .arg("--unsafe-no-fsync")
+            .arg("--log-level=warn");
+        let mut etcd = ChildGuard::spawn("etcd", etcd_cmd, &dir.path().join("etcd.log"))?;
+        let http = reqwest::Client::new();
+        let health = format!("{etcd_url}/health");
+        wait_until(&mut etcd, START_TIMEOUT, "etcd", || async {
+            matches!(http.get(&health).send().await, Ok(r) if r.status().is_success())
+        })
+        .await?;
+
+        let port = free_port();
+        let url = format!("https://127.0.0.1:{port}");
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let mut api_cmd = Command::new(binaries::path("kube-apiserver"));
+        api_cmd
+            .arg(format!("--etcd-servers={etcd_url}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            // No kubelet or network here: nothing should publish the apiserver's (loopback) endpoint.
+            .arg("--endpoint-reconciler-type=none")
+            .arg(format!("--secure-port={port}"))
+            .arg(format!("--cert-dir={}", path("certs")))
+            .arg(format!("--tls-cert-file={}", path("apiserver.crt")))
+            .arg(format!("--tls-private-key-file={}", path("apiserver.key")))
+            .arg(format!("--client-ca-file={}", path("ca.crt")))
+            .arg("--authorization-mode=RBAC")
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!("--service-account-key-file={}", path("service-account.pub")))
+            .arg(format!("--service-account-signing-key-file={}", path("service-account.key")))
+            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--v=1");
+        let mut apiserver = ChildGuard::spawn("kube-apiserver", api_cmd, &dir.path().join("kube-apiserver.log"))?;
+
+        let admin_kubeconfig = dir.path().join("admin.kubeconfig");
+        std::fs::write(
+            &admin_kubeconfig,
+            kubeconfig_yaml(&url, &pki.ca_pem, Credentials::ClientCert(&pki.admin_cert_pem, &pki.admin_key_pem)),
+        )?;
+
+        // /readyz includes the RBAC bootstrap roles, so RBAC is enforceable once it answers 200.
+        let admin_http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes())?)
+            .identity(reqwest::Identity::from_pem(format!("{}{}", pki.admin_cert_pem, pki.admin_key_pem).as_bytes())?)
+            .build()?;
+        let readyz = format!("{url}/readyz");
+        wait_until(&mut apiserver, START_TIMEOUT, "kube-apiserver", || async {
+            matches!(admin_http.get(&readyz).send().await, Ok(r) if r.status().is_success())
+        })
+        .await?;
+
+        Ok(Self { apiserver, etcd, url, pki, admin_kubeconfig, dir })
+    }
+
+    /// The apiserver's URL (`https://127.0.0.1:PORT`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A kubeconfig file with admin (system:masters) credentials, for kubectl or the operator.
+    pub fn admin_kubeconfig(&self) -> &Path {
+        &self.admin_kubeconfig
+    }
+
+    /// The directory holding this control plane's data and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A client that bypasses RBAC (group system:masters).
+    pub async fn admin_client(&self) -> anyhow::Result<kube::Client> {
+        client_from_kubeconfig(&self.admin_kubeconfig).await
+    }
+
+    /// Creates a namespace and returns its name.
+    pub async fn create_namespace(&self, name: &str) -> anyhow::Result<String> {
+        let ns = Namespace {
+            metadata: ObjectMeta { name: Some(name.to_owned()), ..Default::default() },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(self.admin_client().await?).create(&PostParams::default(), &ns).await?;
+        Ok(name.to_owned())
+    }
+
+    /// Creates (or reuses) a ServiceAccount and returns a client that authenticates as it with a
+    /// TokenRequest token, plus a kubeconfig file with the same credentials. Its rights are exactly
+    /// what RBAC grants it.
+    pub async fn service_account_client(&self, namespace: &str, name: &str) -> anyhow::Result<(kube::Client, PathBuf)> {
+        let admin = self.admin_client().await?;
+        let sas = Api::<ServiceAccount>::namespaced(admin, namespace);
+        let sa = ServiceAccount {
+            metadata: ObjectMeta { name: Some(name.to_owned()), ..Default::default() },
+            ..Default::default()
+        };
+        sas.patch(name, &PatchParams::apply("wgtwo-testenv").force(), &Patch::Apply(&sa)).await?;
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec { expiration_seconds: Some(3600 * 6), ..Default::default() }),
+            ..Default::default()
+        };
+        let token = sas
+            .create_token_request(name, &PostParams::default(), &request)
+            .await?
+            .status
+            .context("TokenRequest returned no status")?
+            .token
+            .context("TokenRequest returned no token")?;
+        let path = self.dir.path().join(format!("sa-{namespace}-{name}.kubeconfig"));
+        std::fs::write(&path, kubeconfig_yaml(&self.url, &self.pki.ca_pem, Credentials::Token(&token)))?;
+        Ok((client_from_kubeconfig(&path).await?, path))
+    }
+
+    /// Server-side applies every CRD in `dir` and waits until each is Established.
+    pub async fn install_crds(&self, dir: &Path) -> anyhow::Result<()> {
+        let crds = Api::<CustomResourceDefinition>::all(self.admin_client().await?);
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path)?;
+            for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+                let crd: CustomResourceDefinition =
+                    serde::Deserialize::deserialize(doc).with_context(|| format!("parse {}", path.display()))?;
+                let name = crd.metadata.name.clone().context("CRD without a name")?;
+                crds.patch(&name, &PatchParams::apply("wgtwo-testenv").force(), &Patch::Apply(&crd)).await?;
+                names.push(name);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for name in names {
+            loop {
+                let crd = crds.get(&name).await?;
+                let established = crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                if established {
+                    break;
+                }
+                anyhow::ensure!(Instant::now() < deadline, "CRD {name} not Established after 30s");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the testenv's kubectl against this control plane as admin and returns its stdout.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(binaries::path("kubectl"))
+            .arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Last lines of the apiserver's log, for failure messages.
+    pub fn apiserver_log_tail(&self, lines: usize) -> String {
+        self.apiserver.log_tail(lines)
+    }
+
+    /// The pids of the server processes, so tests can prove they are gone after drop.
+    pub fn pids(&self) -> Vec<u32> {
+        vec![self.etcd.pid(), self.apiserver.pid()]
+    }
+}
+
+enum Credentials<'a> {
+    ClientCert(&'a str, &'a str),
+    Token(&'a str),
+}
+
+fn kubeconfig_yaml(server: &str, ca_pem: &str, creds: Credentials<'_>) -> String {
+    let user = match creds {
+        Credentials::ClientCert(cert, key) => {
+            format!("    client-certificate-data: {}\n    client-key-data: {}\n", B64.encode(cert), B64.encode(key))
+        }
+        Credentials::Token(token) => format!("    token: {token}\n"),
+    };
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: testenv\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: testenv\n  user:\n{user}contexts:\n- name: testenv\n  context:\n    cluster: testenv\n    user: testenv\ncurrent-context: testenv\n",
+        ca = B64.encode(ca_pem)
+    )
+}
+
+/// A `kube::Client` from a kubeconfig file, as the operator would build one.
+pub async fn client_from_kubeconfig(path: &Path) -> anyhow::Result<kube::Client> {
+    let kubeconfig = Kubeconfig::read_from(path)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}

@@ -1,0 +1,295 @@
+//! Ory Hydra (the server behind id.wgtwo.com) on loopback with an in-memory SQLite store, plus a
+//! driver that plays the subscriber: it walks the authorization code flow through Hydra's public
+//! endpoints and accepts the login and consent through Hydra's admin API, the way wgtwo's login
+//! app does after the SMS PIN check.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rand::Rng;
+use serde_json::{Value, json};
+use url::Url;
+
+use crate::process::{ChildGuard, wait_until};
+use crate::{binaries, free_port};
+
+/// Token lifetimes and other knobs of a Hydra instance.
+#[derive(Clone, Debug)]
+pub struct HydraOptions {
+    pub access_token_ttl: Duration,
+    pub refresh_token_ttl: Duration,
+    pub id_token_ttl: Duration,
+}
+
+impl Default for HydraOptions {
+    /// What id.wgtwo.com issues: one-hour access tokens.
+    fn default() -> Self {
+        Self {
+            access_token_ttl: Duration::from_secs(3600),
+            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            id_token_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// An OAuth client registered in Hydra.
+#[derive(Clone, Debug)]
+pub struct OAuthClient {
+    pub client_id: String,
+    pub client_secret: String,
+    pub redirect_uris: Vec<String>,
+}
+
+/// The person completing the SMS login: their user id and phone number.
+#[derive(Clone, Debug)]
+pub struct Subscriber {
+    pub subject: String,
+    pub phone_number: String,
+}
+
+impl Subscriber {
+    pub fn new(subject: &str, phone_number: &str) -> Self {
+        Self { subject: subject.to_owned(), phone_number: phone_number.to_owned() }
+    }
+}
+
+/// Where Hydra finally redirected the browser: the client's redirect URI with `code` and `state`,
+/// or with `error` and `error_description`.
+#[derive(Clone, Debug)]
+pub struct Callback {
+    pub url: Url,
+}
+
+impl Callback {
+    fn param(&self, name: &str) -> Option<String> {
+        self.url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+    }
+    pub fn code(&self) -> Option<String> {
+        self.param("code")
+    }
+    pub fn state(&self) -> Option<String> {
+        self.param("state")
+    }
+    pub fn error(&self) -> Option<String> {
+        self.param("error")
+    }
+}
+
+pub struct Hydra {
+    child: ChildGuard,
+    public: Url,
+    admin: Url,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Hydra {
+    pub async fn start(options: HydraOptions) -> anyhow::Result<Self> {
+        let dir = crate::temp_dir("wgtwo-hydra-")?;
+        let (public_port, admin_port) = (free_port(), free_port());
+        let public = Url::parse(&format!("http://127.0.0.1:{public_port}/"))?;
+        let admin = Url::parse(&format!("http://127.0.0.1:{admin_port}/"))?;
+        let config = dir.path().join("hydra.yaml");
+        std::fs::write(&config, config_yaml(&public, public_port, admin_port, &options))?;
+
+        let mut cmd = Command::new(binaries::path("hydra"));
+        // --dev allows the plain-http loopback issuer; the store is in memory (dsn: memory).
+        cmd.args(["serve", "all", "--dev", "--sqa-opt-out", "--config"]).arg(&config);
+        let mut child = ChildGuard::spawn("hydra", cmd, &dir.path().join("hydra.log"))?;
+        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+        let ready = [admin.join("health/ready")?, public.join("health/ready")?];
+        wait_until(&mut child, Duration::from_secs(60), "hydra", || async {
+            for url in &ready {
+                if !matches!(http.get(url.clone()).send().await, Ok(r) if r.status().is_success()) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await?;
+        Ok(Self { child, public, admin, http, _dir: dir })
+    }
+
+    /// The issuer, with the trailing slash that id.wgtwo.com also has (`http://127.0.0.1:PORT/`).
+    pub fn issuer_url(&self) -> String {
+        self.public.to_string()
+    }
+
+    /// The public base URL without the trailing slash, as a user would write `issuerUrl`.
+    pub fn base_url(&self) -> String {
+        self.public.as_str().trim_end_matches('/').to_owned()
+    }
+
+    pub fn token_url(&self) -> String {
+        self.public.join("oauth2/token").expect("static path").to_string()
+    }
+
+    pub fn admin_url(&self) -> &Url {
+        &self.admin
+    }
+
+    pub fn process(&mut self) -> &mut ChildGuard {
+        &mut self.child
+    }
+
+    /// Registers a confidential client (client_secret_basic) for the authorization code, refresh
+    /// token and client credentials grants with the scopes wgtwo uses.
+    pub async fn create_client(&self, redirect_uris: &[&str]) -> anyhow::Result<OAuthClient> {
+        let body = json!({
+            "client_name": "wgtwo-operator-test",
+            "grant_types": ["authorization_code", "refresh_token", "client_credentials"],
+            "response_types": ["code"],
+            "scope": "openid phone offline_access",
+            "redirect_uris": redirect_uris,
+            "token_endpoint_auth_method": "client_secret_basic",
+        });
+        let created: Value = self.admin_json(reqwest::Method::POST, "admin/clients", &[], Some(body)).await?;
+        Ok(OAuthClient {
+            client_id: created["client_id"].as_str().context("no client_id")?.to_owned(),
+            client_secret: created["client_secret"].as_str().context("no client_secret")?.to_owned(),
+            redirect_uris: redirect_uris.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    /// Hydra's token introspection (admin API): `{"active": bool, "sub": …, "exp": …, …}`.
+    pub async fn introspect(&self, token: &str) -> anyhow::Result<Value> {
+        let url = self.admin.join("admin/oauth2/introspect")?;
+        let resp = self.http.post(url).form(&[("token", token)]).send().await?;
+        let status = resp.status();
+        anyhow::ensure!(status.is_success(), "introspection failed: {status}");
+        Ok(resp.json().await?)
+    }
+
+    /// Plays `who` through the authorization URL `auth_url` (built by the client under test):
+    /// logs in, consents to every requested scope, and returns the final redirect to the client.
+    /// The ID token gets `phone_number` and `phone_number_verified`, as wgtwo's does.
+    pub async fn authorize(&self, auth_url: &str, who: &Subscriber) -> anyhow::Result<Callback> {
+        // A browser: its own cookie jar, redirects followed by hand so each hop can be inspected.
+        let browser =
+            reqwest::Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build()?;
+        let mut at = Url::parse(auth_url).context("authorization URL")?;
+        for _ in 0..10 {
+            let location = redirect_location(&browser, &at).await?;
+            let param = |name: &str| location.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned());
+            at = if let Some(challenge) = param("login_challenge") {
+                let body = json!({"subject": who.subject, "remember": false, "acr": "sms"});
+                self.accept("login", &challenge, body).await?
+            } else if let Some(challenge) = param("consent_challenge") {
+                let request: Value = self
+                    .admin_json(
+                        reqwest::Method::GET,
+                        "admin/oauth2/auth/requests/consent",
+                        &[("consent_challenge", &challenge)],
+                        None,
+                    )
+                    .await?;
+                let body = json!({
+                    "grant_scope": request["requested_scope"],
+                    "grant_access_token_audience": request["requested_access_token_audience"],
+                    "remember": false,
+                    "session": {"id_token": {"phone_number": who.phone_number, "phone_number_verified": true}},
+                });
+                self.accept("consent", &challenge, body).await?
+            } else if location.origin() == self.public.origin() {
+                location
+            } else {
+                return Ok(Callback { url: location });
+            };
+        }
+        bail!("authorization flow did not reach the client's redirect URI in 10 hops")
+    }
+
+    /// Like [`Hydra::authorize`], but the subscriber refuses to log in (wrong PIN, closed the page):
+    /// the callback carries `error=access_denied`.
+    pub async fn deny(&self, auth_url: &str) -> anyhow::Result<Callback> {
+        let browser =
+            reqwest::Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build()?;
+        let location = redirect_location(&browser, &Url::parse(auth_url)?).await?;
+        let challenge = location
+            .query_pairs()
+            .find(|(k, _)| k == "login_challenge")
+            .map(|(_, v)| v.into_owned())
+            .context("no login challenge")?;
+        let body = json!({"error": "access_denied", "error_description": "The subscriber did not log in"});
+        let next: Value = self
+            .admin_json(
+                reqwest::Method::PUT,
+                "admin/oauth2/auth/requests/login/reject",
+                &[("login_challenge", &challenge)],
+                Some(body),
+            )
+            .await?;
+        let next = Url::parse(next["redirect_to"].as_str().context("no redirect_to")?)?;
+        Ok(Callback { url: redirect_location(&browser, &next).await? })
+    }
+
+    async fn accept(&self, kind: &str, challenge: &str, body: Value) -> anyhow::Result<Url> {
+        let path = format!("admin/oauth2/auth/requests/{kind}/accept");
+        let key = format!("{kind}_challenge");
+        let accepted: Value =
+            self.admin_json(reqwest::Method::PUT, &path, &[(key.as_str(), challenge)], Some(body)).await?;
+        Ok(Url::parse(accepted["redirect_to"].as_str().context("no redirect_to")?)?)
+    }
+
+    async fn admin_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut req = self.http.request(method, self.admin.join(path)?).query(query);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        anyhow::ensure!(status.is_success(), "hydra admin {path}: {status}: {text}");
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+/// GETs `url` and returns where it redirects, or fails with the body if it does not.
+async fn redirect_location(browser: &reqwest::Client, url: &Url) -> anyhow::Result<Url> {
+    let resp = browser.get(url.clone()).send().await?;
+    let status = resp.status();
+    match resp.headers().get(reqwest::header::LOCATION) {
+        Some(loc) if status.is_redirection() => Ok(url.join(loc.to_str()?)?),
+        _ => bail!("expected a redirect from {}, got {status}: {}", url.path(), resp.text().await.unwrap_or_default()),
+    }
+}
+
+fn config_yaml(public: &Url, public_port: u16, admin_port: u16, o: &HydraOptions) -> String {
+    let secret: String = rand::rng().sample_iter(&rand::distr::Alphanumeric).take(32).map(char::from).collect();
+    // The login and consent apps are never fetched: the driver reads the challenge off the redirect.
+    format!(
+        r#"dsn: memory
+log:
+  level: info
+  leak_sensitive_values: false
+serve:
+  public: {{host: 127.0.0.1, port: {public_port}}}
+  admin: {{host: 127.0.0.1, port: {admin_port}}}
+urls:
+  self: {{issuer: "{public}", public: "{public}"}}
+  login: "{public}testenv/login"
+  consent: "{public}testenv/consent"
+  error: "{public}testenv/error"
+secrets:
+  system: ["{secret}"]
+strategies:
+  access_token: opaque
+ttl:
+  access_token: {at}s
+  refresh_token: {rt}s
+  id_token: {it}s
+  auth_code: 600s
+  login_consent_request: 600s
+"#,
+        at = o.access_token_ttl.as_secs(),
+        rt = o.refresh_token_ttl.as_secs(),
+        it = o.id_token_ttl.as_secs(),
+    )
+}
