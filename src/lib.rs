@@ -1,3 +1,5 @@
 //! wgtwo-operator: keeps wgtwo OAuth 2.0 access tokens alive in Kubernetes Secrets.
 
 pub mod api;
+pub mod authorize;
+pub mod oauth;

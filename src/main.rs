@@ -1,4 +1,10 @@
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use url::Url;
+use wgtwo_operator::authorize::{AuthorizeOptions, authorize};
+use wgtwo_operator::oauth::Prompt;
 
 /// Keeps wgtwo OAuth 2.0 access tokens alive in Kubernetes Secrets.
 #[derive(Parser)]
@@ -12,11 +18,96 @@ struct Cli {
 enum Command {
     /// Print the WgtwoGrant CustomResourceDefinition as YAML (pipe it to `kubectl apply -f -`).
     Crd,
+    /// Authorize a subscriber (browser login with SMS PIN) and write the refresh-token Secret and
+    /// the WgtwoGrant that keeps their access token alive.
+    Authorize(Box<AuthorizeArgs>),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+#[derive(Args)]
+struct AuthorizeArgs {
+    /// Name of the WgtwoGrant to create or update.
+    grant: String,
+    /// Namespace of the grant and of every Secret it uses.
+    #[arg(short, long, default_value = "default")]
+    namespace: String,
+    /// Secret holding the OAuth client (keys client_id and client_secret).
+    #[arg(long, default_value = "wgtwo-client")]
+    client_secret: String,
+    /// Scopes to request, space separated; offline_access is needed for a refresh token.
+    #[arg(long, default_value = "phone offline_access openid")]
+    scope: String,
+    /// The wgtwo identity service.
+    #[arg(long, default_value = wgtwo_operator::api::DEFAULT_ISSUER_URL)]
+    issuer_url: String,
+    /// Redirect URI registered for the client. Without --paste it must be http on loopback with a
+    /// port, and authorize listens there for the browser.
+    #[arg(long, default_value = "http://127.0.0.1:8085/callback")]
+    redirect_uri: Url,
+    /// Read the URL the browser was redirected to from stdin (for a redirect URI served elsewhere,
+    /// such as https://example.com/callback).
+    #[arg(long)]
+    paste: bool,
+    /// How long to wait for the subscriber, e.g. 5m or 90s.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Secret to write the refresh token to [default: GRANT-authorization].
+    #[arg(long)]
+    refresh_token_secret: Option<String>,
+    /// Secret the operator will keep the access token in [default: GRANT-token].
+    #[arg(long)]
+    target_secret: Option<String>,
+    /// OpenID Connect prompt: login, consent, "login consent", none or default.
+    #[arg(long, default_value = "default", value_parser = |s: &str| s.parse::<Prompt>())]
+    prompt: Prompt,
+    /// Do not try to open a browser; only print the URL.
+    #[arg(long)]
+    no_browser: bool,
+    /// Extra CA certificates (PEM) to trust for the identity service.
+    #[arg(long)]
+    ca_bundle: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d: jiff::SignedDuration = s.parse().map_err(|_| format!("{s:?} is not a duration such as 90s, 5m or 1h30m"))?;
+    Duration::try_from(d).map_err(|_| format!("{s:?} must not be negative"))
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(err) = run(Cli::parse()).await {
+        // One line: the error and its causes.
+        eprintln!("wgtwo-operator: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Crd => print!("{}", wgtwo_operator::api::crd_yaml()),
+        Command::Authorize(a) => {
+            let a = *a;
+            let kube = kube::Client::try_default().await?;
+            let opts = AuthorizeOptions {
+                namespace: a.namespace,
+                grant: a.grant,
+                client_secret_name: a.client_secret,
+                scope: a.scope,
+                issuer_url: a.issuer_url,
+                redirect_uri: a.redirect_uri,
+                paste: a.paste,
+                timeout: a.timeout,
+                refresh_token_secret: a.refresh_token_secret,
+                target_secret: a.target_secret,
+                prompt: a.prompt,
+                open_browser: !a.no_browser,
+                ca_bundle: a.ca_bundle,
+            };
+            authorize(kube, opts, &mut std::io::stdout()).await.map_err(|e| e.context("authorize"))?;
+        }
     }
     Ok(())
 }

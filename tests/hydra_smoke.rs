@@ -12,9 +12,13 @@ use wgtwo_testenv::{Hydra, HydraOptions, Subscriber};
 
 const REDIRECT: &str = "http://127.0.0.1:8085/callback";
 
-fn http_client() -> reqwest::Client {
+fn http_client(hydra: &Hydra) -> reqwest::Client {
     // No redirects: the token endpoint must answer directly (and it avoids SSRF via redirects).
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(hydra.ca_pem().as_bytes()).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,7 +26,7 @@ async fn authorization_code_flow_yields_verified_id_token_and_rotating_refresh_t
     let options = HydraOptions { access_token_ttl: Duration::from_secs(15), ..Default::default() };
     let hydra = Hydra::start(options).await.unwrap();
     let registered = hydra.create_client(&[REDIRECT]).await.unwrap();
-    let http = http_client();
+    let http = http_client(&hydra);
 
     let metadata =
         CoreProviderMetadata::discover_async(IssuerUrl::new(hydra.issuer_url()).unwrap(), &http).await.unwrap();
@@ -85,9 +89,10 @@ async fn authorization_code_flow_yields_verified_id_token_and_rotating_refresh_t
 async fn subscriber_who_refuses_login_sends_access_denied_to_the_callback() {
     let hydra = Hydra::start(HydraOptions::default()).await.unwrap();
     let registered = hydra.create_client(&[REDIRECT]).await.unwrap();
-    let metadata = CoreProviderMetadata::discover_async(IssuerUrl::new(hydra.issuer_url()).unwrap(), &http_client())
-        .await
-        .unwrap();
+    let metadata =
+        CoreProviderMetadata::discover_async(IssuerUrl::new(hydra.issuer_url()).unwrap(), &http_client(&hydra))
+            .await
+            .unwrap();
     let oidc = CoreClient::from_provider_metadata(metadata, ClientId::new(registered.client_id), None)
         .set_redirect_uri(RedirectUrl::new(REDIRECT.to_owned()).unwrap());
     let (auth_url, state, _nonce) =

@@ -1,51 +1,63 @@
-//! The control plane's PKI: a CA, the apiserver's serving certificate, an admin client certificate
-//! (group system:masters) and the ServiceAccount token signing key.
+//! Test PKI: a CA per server, serving certificates for loopback, client certificates.
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
 
-pub struct Pki {
-    pub ca_pem: String,
-    pub serving_cert_pem: String,
-    pub serving_key_pem: String,
-    pub admin_cert_pem: String,
-    pub admin_key_pem: String,
-    pub service_account_key_pem: String,
-    pub service_account_public_pem: String,
+/// A certificate and its private key, both PEM.
+pub struct CertKey {
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
-impl Pki {
-    pub fn generate() -> anyhow::Result<Self> {
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        ca.distinguished_name.push(DnType::CommonName, "wgtwo-testenv-ca");
-        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+pub struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
 
-        let mut serving = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
-        serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
-        serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let serving_key = KeyPair::generate()?;
-        let serving_cert = serving.signed_by(&serving_key, &ca)?;
-
-        let mut admin = CertificateParams::new(Vec::<String>::new())?;
-        admin.distinguished_name.push(DnType::CommonName, "testenv-admin");
-        admin.distinguished_name.push(DnType::OrganizationName, "system:masters");
-        admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let admin_key = KeyPair::generate()?;
-        let admin_cert = admin.signed_by(&admin_key, &ca)?;
-
-        let service_account = KeyPair::generate()?;
-        Ok(Self {
-            ca_pem: ca.pem(),
-            serving_cert_pem: serving_cert.pem(),
-            serving_key_pem: serving_key.serialize_pem(),
-            admin_cert_pem: admin_cert.pem(),
-            admin_key_pem: admin_key.serialize_pem(),
-            service_account_key_pem: service_account.serialize_pem(),
-            service_account_public_pem: service_account.public_key_pem(),
-        })
+impl TestCa {
+    pub fn new(common_name: &str) -> anyhow::Result<Self> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        Ok(Self { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate()?)? })
     }
+
+    /// The CA certificate, to trust.
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A serving certificate for `localhost` and `127.0.0.1`.
+    pub fn loopback_server(&self, common_name: &str) -> anyhow::Result<CertKey> {
+        let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params)
+    }
+
+    /// A client certificate; Kubernetes reads the user from CN and the groups from O.
+    pub fn client(&self, common_name: &str, organizations: &[&str]) -> anyhow::Result<CertKey> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        for org in organizations {
+            params.distinguished_name.push(DnType::OrganizationName, *org);
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params)
+    }
+
+    fn sign(&self, params: CertificateParams) -> anyhow::Result<CertKey> {
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+}
+
+/// A key pair for signing (e.g. ServiceAccount tokens): private and public PEM.
+pub fn signing_key() -> anyhow::Result<CertKey> {
+    let key = KeyPair::generate()?;
+    Ok(CertKey { cert_pem: key.public_key_pem(), key_pem: key.serialize_pem() })
 }

@@ -14,7 +14,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-use crate::certs::Pki;
+use crate::certs::{CertKey, TestCa, signing_key};
 use crate::process::{ChildGuard, wait_until};
 use crate::{binaries, free_port};
 
@@ -25,7 +25,7 @@ pub struct ControlPlane {
     apiserver: ChildGuard,
     etcd: ChildGuard,
     url: String,
-    pki: Pki,
+    ca_pem: String,
     admin_kubeconfig: PathBuf,
     dir: tempfile::TempDir,
 }
@@ -41,13 +41,17 @@ impl ControlPlane {
     /// Starts etcd and kube-apiserver without installing any CRD.
     pub async fn start_bare() -> anyhow::Result<Self> {
         let dir = crate::temp_dir("wgtwo-kube-")?;
-        let pki = Pki::generate()?;
+        let ca = TestCa::new("wgtwo-testenv-kube-ca")?;
+        let ca_pem = ca.pem();
+        let serving = ca.loopback_server("kube-apiserver")?;
+        let admin = ca.client("testenv-admin", &["system:masters"])?;
+        let service_account = signing_key()?;
         let files = [
-            ("ca.crt", &pki.ca_pem),
-            ("apiserver.crt", &pki.serving_cert_pem),
-            ("apiserver.key", &pki.serving_key_pem),
-            ("service-account.key", &pki.service_account_key_pem),
-            ("service-account.pub", &pki.service_account_public_pem),
+            ("ca.crt", &ca_pem),
+            ("apiserver.crt", &serving.cert_pem),
+            ("apiserver.key", &serving.key_pem),
+            ("service-account.key", &service_account.key_pem),
+            ("service-account.pub", &service_account.cert_pem),
         ];
         for (name, pem) in files {
             std::fs::write(dir.path().join(name), pem)?;
@@ -100,15 +104,12 @@ impl ControlPlane {
         let mut apiserver = ChildGuard::spawn("kube-apiserver", api_cmd, &dir.path().join("kube-apiserver.log"))?;
 
         let admin_kubeconfig = dir.path().join("admin.kubeconfig");
-        std::fs::write(
-            &admin_kubeconfig,
-            kubeconfig_yaml(&url, &pki.ca_pem, Credentials::ClientCert(&pki.admin_cert_pem, &pki.admin_key_pem)),
-        )?;
+        std::fs::write(&admin_kubeconfig, kubeconfig_yaml(&url, &ca_pem, Credentials::ClientCert(&admin)))?;
 
         // /readyz includes the RBAC bootstrap roles, so RBAC is enforceable once it answers 200.
         let admin_http = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes())?)
-            .identity(reqwest::Identity::from_pem(format!("{}{}", pki.admin_cert_pem, pki.admin_key_pem).as_bytes())?)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes())?)
+            .identity(reqwest::Identity::from_pem(format!("{}{}", admin.cert_pem, admin.key_pem).as_bytes())?)
             .build()?;
         let readyz = format!("{url}/readyz");
         wait_until(&mut apiserver, START_TIMEOUT, "kube-apiserver", || async {
@@ -116,7 +117,7 @@ impl ControlPlane {
         })
         .await?;
 
-        Ok(Self { apiserver, etcd, url, pki, admin_kubeconfig, dir })
+        Ok(Self { apiserver, etcd, url, ca_pem, admin_kubeconfig, dir })
     }
 
     /// The apiserver's URL (`https://127.0.0.1:PORT`).
@@ -172,7 +173,7 @@ impl ControlPlane {
             .token
             .context("TokenRequest returned no token")?;
         let path = self.dir.path().join(format!("sa-{namespace}-{name}.kubeconfig"));
-        std::fs::write(&path, kubeconfig_yaml(&self.url, &self.pki.ca_pem, Credentials::Token(&token)))?;
+        std::fs::write(&path, kubeconfig_yaml(&self.url, &self.ca_pem, Credentials::Token(&token)))?;
         Ok((client_from_kubeconfig(&path).await?, path))
     }
 
@@ -241,15 +242,17 @@ impl ControlPlane {
 }
 
 enum Credentials<'a> {
-    ClientCert(&'a str, &'a str),
+    ClientCert(&'a CertKey),
     Token(&'a str),
 }
 
 fn kubeconfig_yaml(server: &str, ca_pem: &str, creds: Credentials<'_>) -> String {
     let user = match creds {
-        Credentials::ClientCert(cert, key) => {
-            format!("    client-certificate-data: {}\n    client-key-data: {}\n", B64.encode(cert), B64.encode(key))
-        }
+        Credentials::ClientCert(pair) => format!(
+            "    client-certificate-data: {}\n    client-key-data: {}\n",
+            B64.encode(&pair.cert_pem),
+            B64.encode(&pair.key_pem)
+        ),
         Credentials::Token(token) => format!("    token: {token}\n"),
     };
     format!(

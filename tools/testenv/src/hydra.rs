@@ -1,8 +1,10 @@
-//! Ory Hydra (the server behind id.wgtwo.com) on loopback with an in-memory SQLite store, plus a
+//! Ory Hydra (the server behind id.wgtwo.com) on loopback with an in-memory SQLite store, its public
+//! endpoints over TLS (as wgtwo's are) with a test CA that clients must be given, plus a
 //! driver that plays the subscriber: it walks the authorization code flow through Hydra's public
 //! endpoints and accepts the login and consent through Hydra's admin API, the way wgtwo's login
 //! app does after the SMS PIN check.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -11,6 +13,7 @@ use rand::Rng;
 use serde_json::{Value, json};
 use url::Url;
 
+use crate::certs::TestCa;
 use crate::process::{ChildGuard, wait_until};
 use crate::{binaries, free_port};
 
@@ -80,6 +83,7 @@ pub struct Hydra {
     child: ChildGuard,
     public: Url,
     admin: Url,
+    ca_pem: String,
     http: reqwest::Client,
     _dir: tempfile::TempDir,
 }
@@ -88,16 +92,23 @@ impl Hydra {
     pub async fn start(options: HydraOptions) -> anyhow::Result<Self> {
         let dir = crate::temp_dir("wgtwo-hydra-")?;
         let (public_port, admin_port) = (free_port(), free_port());
-        let public = Url::parse(&format!("http://127.0.0.1:{public_port}/"))?;
+        let public = Url::parse(&format!("https://127.0.0.1:{public_port}/"))?;
+        // The admin API stays plain http on loopback: only the test driver talks to it.
         let admin = Url::parse(&format!("http://127.0.0.1:{admin_port}/"))?;
+        let ca = TestCa::new("wgtwo-testenv-hydra-ca")?;
+        let serving = ca.loopback_server("hydra")?;
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert, &serving.cert_pem)?;
+        std::fs::write(&key, &serving.key_pem)?;
         let config = dir.path().join("hydra.yaml");
-        std::fs::write(&config, config_yaml(&public, public_port, admin_port, &options))?;
+        std::fs::write(&config, config_yaml(&public, public_port, admin_port, (&cert, &key), &options))?;
 
         let mut cmd = Command::new(binaries::path("hydra"));
-        // --dev allows the plain-http loopback issuer; the store is in memory (dsn: memory).
+        // --dev relaxes checks meant for public deployments; the store is in memory (dsn: memory).
         cmd.args(["serve", "all", "--dev", "--sqa-opt-out", "--config"]).arg(&config);
         let mut child = ChildGuard::spawn("hydra", cmd, &dir.path().join("hydra.log"))?;
-        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+        let ca_pem = ca.pem();
+        let http = client_trusting(&ca_pem, false)?;
         let ready = [admin.join("health/ready")?, public.join("health/ready")?];
         wait_until(&mut child, Duration::from_secs(60), "hydra", || async {
             for url in &ready {
@@ -108,10 +119,15 @@ impl Hydra {
             true
         })
         .await?;
-        Ok(Self { child, public, admin, http, _dir: dir })
+        Ok(Self { child, public, admin, ca_pem, http, _dir: dir })
     }
 
-    /// The issuer, with the trailing slash that id.wgtwo.com also has (`http://127.0.0.1:PORT/`).
+    /// The CA certificate (PEM) that the public endpoint's certificate chains to.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The issuer, with the trailing slash that id.wgtwo.com also has (`https://127.0.0.1:PORT/`).
     pub fn issuer_url(&self) -> String {
         self.public.to_string()
     }
@@ -166,8 +182,7 @@ impl Hydra {
     /// The ID token gets `phone_number` and `phone_number_verified`, as wgtwo's does.
     pub async fn authorize(&self, auth_url: &str, who: &Subscriber) -> anyhow::Result<Callback> {
         // A browser: its own cookie jar, redirects followed by hand so each hop can be inspected.
-        let browser =
-            reqwest::Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build()?;
+        let browser = client_trusting(&self.ca_pem, true)?;
         let mut at = Url::parse(auth_url).context("authorization URL")?;
         for _ in 0..10 {
             let location = redirect_location(&browser, &at).await?;
@@ -203,8 +218,7 @@ impl Hydra {
     /// Like [`Hydra::authorize`], but the subscriber refuses to log in (wrong PIN, closed the page):
     /// the callback carries `error=access_denied`.
     pub async fn deny(&self, auth_url: &str) -> anyhow::Result<Callback> {
-        let browser =
-            reqwest::Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build()?;
+        let browser = client_trusting(&self.ca_pem, true)?;
         let location = redirect_location(&browser, &Url::parse(auth_url)?).await?;
         let challenge = location
             .query_pairs()
@@ -251,6 +265,16 @@ impl Hydra {
     }
 }
 
+/// An HTTP client that trusts Hydra's CA and does not follow redirects; with `cookies` it keeps a
+/// cookie jar, as a browser does.
+fn client_trusting(ca_pem: &str, cookies: bool) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes())?)
+        .cookie_store(cookies)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?)
+}
+
 /// GETs `url` and returns where it redirects, or fails with the body if it does not.
 async fn redirect_location(browser: &reqwest::Client, url: &Url) -> anyhow::Result<Url> {
     let resp = browser.get(url.clone()).send().await?;
@@ -261,7 +285,7 @@ async fn redirect_location(browser: &reqwest::Client, url: &Url) -> anyhow::Resu
     }
 }
 
-fn config_yaml(public: &Url, public_port: u16, admin_port: u16, o: &HydraOptions) -> String {
+fn config_yaml(public: &Url, public_port: u16, admin_port: u16, tls: (&Path, &Path), o: &HydraOptions) -> String {
     let secret: String = rand::rng().sample_iter(&rand::distr::Alphanumeric).take(32).map(char::from).collect();
     // The login and consent apps are never fetched: the driver reads the challenge off the redirect.
     format!(
@@ -270,8 +294,11 @@ log:
   level: info
   leak_sensitive_values: false
 serve:
-  public: {{host: 127.0.0.1, port: {public_port}}}
-  admin: {{host: 127.0.0.1, port: {admin_port}}}
+  tls:
+    cert: {{path: "{cert}"}}
+    key: {{path: "{key}"}}
+  public: {{host: 127.0.0.1, port: {public_port}, tls: {{enabled: true}}}}
+  admin: {{host: 127.0.0.1, port: {admin_port}, tls: {{enabled: false}}}}
 urls:
   self: {{issuer: "{public}", public: "{public}"}}
   login: "{public}testenv/login"
@@ -288,6 +315,8 @@ ttl:
   auth_code: 600s
   login_consent_request: 600s
 "#,
+        cert = tls.0.display(),
+        key = tls.1.display(),
         at = o.access_token_ttl.as_secs(),
         rt = o.refresh_token_ttl.as_secs(),
         it = o.id_token_ttl.as_secs(),

@@ -6,10 +6,12 @@
 pub mod binaries;
 pub mod certs;
 pub mod control_plane;
+pub mod fault_server;
 pub mod hydra;
 pub mod process;
 
 pub use control_plane::ControlPlane;
+pub use fault_server::{Fault, FaultServer, TokenRequest};
 pub use hydra::{Callback, Hydra, HydraOptions, OAuthClient, Subscriber};
 
 use std::net::TcpListener;
