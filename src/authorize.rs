@@ -158,17 +158,17 @@ pub async fn authorize(
 /// The redirect URI's socket address, which must be on loopback: only the local browser may
 /// deliver the code to this process.
 fn loopback_addr(redirect: &Url) -> anyhow::Result<std::net::SocketAddr> {
-    let host = redirect.host_str().unwrap_or_default();
-    let ip: std::net::IpAddr = match host {
-        "localhost" => [127, 0, 0, 1].into(),
-        "[::1]" => std::net::Ipv6Addr::LOCALHOST.into(),
-        other => other.parse().map_err(|_| anyhow!("--redirect-uri host {other:?} is not a loopback address"))?,
+    let ip: Option<std::net::IpAddr> = match redirect.host() {
+        Some(url::Host::Domain("localhost")) => Some([127, 0, 0, 1].into()),
+        Some(url::Host::Ipv4(ip)) => Some(ip.into()),
+        Some(url::Host::Ipv6(ip)) => Some(ip.into()),
+        _ => None,
     };
-    if redirect.scheme() != "http" || !ip.is_loopback() {
+    let Some(ip) = ip.filter(|ip| ip.is_loopback() && redirect.scheme() == "http") else {
         bail!(
             "--redirect-uri {redirect} is not an http:// loopback URI; use --paste for a redirect URI served elsewhere"
         );
-    }
+    };
     let port = redirect.port().context("--redirect-uri needs an explicit port, e.g. http://127.0.0.1:8085/callback")?;
     Ok((ip, port).into())
 }
