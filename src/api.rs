@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 
 /// The identity service the official wgtwo SDK talks to by default.
 pub const DEFAULT_ISSUER_URL: &str = "https://id.wgtwo.com";
+/// Set this annotation on a grant (any new value, e.g. the time) to refresh its token now.
+pub const ANNOTATION_REFRESH_REQUESTED: &str = "auth.wgtwo.com/refresh-requested-at";
 /// The key of the refresh token in `refreshTokenSecretRef` when none is given.
 pub const DEFAULT_REFRESH_TOKEN_KEY: &str = "refresh_token";
 
@@ -137,6 +139,9 @@ pub struct WgtwoGrantStatus {
     /// The subject (user id) the authorization belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    /// The value of the `auth.wgtwo.com/refresh-requested-at` annotation that was last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_request_handled: Option<String>,
     /// The metadata.generation of the spec that this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -2,4 +2,5 @@
 
 pub mod api;
 pub mod authorize;
+pub mod controller;
 pub mod oauth;

@@ -21,6 +21,26 @@ enum Command {
     /// Authorize a subscriber (browser login with SMS PIN) and write the refresh-token Secret and
     /// the WgtwoGrant that keeps their access token alive.
     Authorize(Box<AuthorizeArgs>),
+    /// Run the controller: keep every WgtwoGrant's access token refreshed in its target Secret.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WGTWO_NAMESPACE")]
+    namespace: Option<String>,
+    /// Extra CA certificates (PEM) to trust for identity services.
+    #[arg(long, env = "WGTWO_CA_BUNDLE")]
+    ca_bundle: Option<PathBuf>,
+    /// Timeout of each request to the identity service.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    request_timeout: Duration,
+    /// First delay after a failed refresh; doubles (with jitter) up to --max-backoff.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    min_backoff: Duration,
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    max_backoff: Duration,
 }
 
 #[derive(Args)]
@@ -88,6 +108,22 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Crd => print!("{}", wgtwo_operator::api::crd_yaml()),
+        Command::Run(a) => {
+            let ca_bundle_pem = match &a.ca_bundle {
+                Some(path) => {
+                    Some(std::fs::read(path).map_err(|e| anyhow::anyhow!("--ca-bundle {}: {e}", path.display()))?)
+                }
+                None => None,
+            };
+            let options = wgtwo_operator::controller::Options {
+                namespace: a.namespace,
+                ca_bundle_pem,
+                request_timeout: a.request_timeout,
+                min_backoff: a.min_backoff,
+                max_backoff: a.max_backoff,
+            };
+            wgtwo_operator::controller::run(kube::Client::try_default().await?, options).await?;
+        }
         Command::Authorize(a) => {
             let a = *a;
             let kube = kube::Client::try_default().await?;

@@ -23,6 +23,9 @@ pub struct HydraOptions {
     pub access_token_ttl: Duration,
     pub refresh_token_ttl: Duration,
     pub id_token_ttl: Duration,
+    /// Keep the store in an SQLite file instead of memory, so [`Hydra::stop`] and
+    /// [`Hydra::restart`] lose nothing.
+    pub persistent: bool,
 }
 
 impl Default for HydraOptions {
@@ -32,6 +35,7 @@ impl Default for HydraOptions {
             access_token_ttl: Duration::from_secs(3600),
             refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
             id_token_ttl: Duration::from_secs(3600),
+            persistent: false,
         }
     }
 }
@@ -80,7 +84,9 @@ impl Callback {
 }
 
 pub struct Hydra {
-    child: ChildGuard,
+    child: Option<ChildGuard>,
+    config: std::path::PathBuf,
+    starts: usize,
     public: Url,
     admin: Url,
     ca_pem: String,
@@ -100,16 +106,39 @@ impl Hydra {
         let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
         std::fs::write(&cert, &serving.cert_pem)?;
         std::fs::write(&key, &serving.key_pem)?;
+        let dsn = if options.persistent {
+            format!("sqlite://{}?_fk=true&mode=rwc", dir.path().join("hydra.sqlite").display())
+        } else {
+            "memory".to_owned()
+        };
         let config = dir.path().join("hydra.yaml");
-        std::fs::write(&config, config_yaml(&public, public_port, admin_port, (&cert, &key), &options))?;
-
-        let mut cmd = Command::new(binaries::path("hydra"));
-        // --dev relaxes checks meant for public deployments; the store is in memory (dsn: memory).
-        cmd.args(["serve", "all", "--dev", "--sqa-opt-out", "--config"]).arg(&config);
-        let mut child = ChildGuard::spawn("hydra", cmd, &dir.path().join("hydra.log"))?;
+        std::fs::write(&config, config_yaml(&dsn, &public, public_port, admin_port, (&cert, &key), &options))?;
+        if options.persistent {
+            let out = Command::new(binaries::path("hydra"))
+                .args(["migrate", "sql", "--read-from-env", "--yes", "--config"])
+                .arg(&config)
+                .output()?;
+            anyhow::ensure!(out.status.success(), "hydra migrate: {}", String::from_utf8_lossy(&out.stderr));
+        }
         let ca_pem = ca.pem();
         let http = client_trusting(&ca_pem, false)?;
-        let ready = [admin.join("health/ready")?, public.join("health/ready")?];
+        let mut hydra = Self { child: None, config, starts: 0, public, admin, ca_pem, http, _dir: dir };
+        hydra.restart().await?;
+        Ok(hydra)
+    }
+
+    /// Starts the server (again, after [`Hydra::stop`]) and waits until it is ready. Only a
+    /// persistent Hydra keeps its clients and tokens across a restart.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "hydra is already running");
+        self.starts += 1;
+        let mut cmd = Command::new(binaries::path("hydra"));
+        // --dev relaxes checks meant for public deployments.
+        cmd.args(["serve", "all", "--dev", "--sqa-opt-out", "--config"]).arg(&self.config);
+        let log = self._dir.path().join(format!("hydra-{}.log", self.starts));
+        let mut child = ChildGuard::spawn("hydra", cmd, &log)?;
+        let ready = [self.admin.join("health/ready")?, self.public.join("health/ready")?];
+        let http = &self.http;
         wait_until(&mut child, Duration::from_secs(60), "hydra", || async {
             for url in &ready {
                 if !matches!(http.get(url.clone()).send().await, Ok(r) if r.status().is_success()) {
@@ -119,7 +148,28 @@ impl Hydra {
             true
         })
         .await?;
-        Ok(Self { child, public, admin, ca_pem, http, _dir: dir })
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops the server (SIGTERM): clients get connection refused until [`Hydra::restart`].
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.terminate(Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// Token endpoint requests served so far (all starts), counted from Hydra's own request log.
+    pub fn token_requests(&self) -> usize {
+        (1..=self.starts)
+            .map(|n| std::fs::read_to_string(self._dir.path().join(format!("hydra-{n}.log"))).unwrap_or_default())
+            .map(|log| {
+                log.lines()
+                    .filter(|l| l.contains("msg=started handling request") && l.contains("path:/oauth2/token "))
+                    .count()
+            })
+            .sum()
     }
 
     /// The CA certificate (PEM) that the public endpoint's certificate chains to.
@@ -145,8 +195,9 @@ impl Hydra {
         &self.admin
     }
 
+    /// The running server process.
     pub fn process(&mut self) -> &mut ChildGuard {
-        &mut self.child
+        self.child.as_mut().expect("hydra is running")
     }
 
     /// Registers a confidential client (client_secret_basic) for the authorization code, refresh
@@ -285,11 +336,18 @@ async fn redirect_location(browser: &reqwest::Client, url: &Url) -> anyhow::Resu
     }
 }
 
-fn config_yaml(public: &Url, public_port: u16, admin_port: u16, tls: (&Path, &Path), o: &HydraOptions) -> String {
+fn config_yaml(
+    dsn: &str,
+    public: &Url,
+    public_port: u16,
+    admin_port: u16,
+    tls: (&Path, &Path),
+    o: &HydraOptions,
+) -> String {
     let secret: String = rand::rng().sample_iter(&rand::distr::Alphanumeric).take(32).map(char::from).collect();
     // The login and consent apps are never fetched: the driver reads the challenge off the redirect.
     format!(
-        r#"dsn: memory
+        r#"dsn: "{dsn}"
 log:
   level: info
   leak_sensitive_values: false

@@ -1,0 +1,146 @@
+//! The refresh-token lineage. The user's Secret (`refreshTokenSecretRef`) holds where a lineage
+//! starts; every refresh rotates the token, and the live one is kept in a Secret the operator owns
+//! (the state Secret). The state records a fingerprint of the user's token it started from, so a
+//! new value there (re-authorization) is adopted, while re-applying the old value is not mistaken
+//! for one.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use sha2::{Digest, Sha256};
+
+use crate::oauth::secrets::RefreshToken;
+
+pub const KEY_REFRESH_TOKEN: &str = "refresh_token";
+pub const KEY_SOURCE: &str = "source_sha256";
+pub const KEY_FAILED: &str = "failed_sha256";
+
+/// What the state Secret holds.
+#[derive(Clone, Debug)]
+pub struct RefreshState {
+    pub refresh_token: RefreshToken,
+    /// sha256 (hex) of the user-provided refresh token this lineage started from.
+    pub source: String,
+    /// sha256 (hex) of the inputs of a request the server refused for good (`invalid_grant`, …):
+    /// the same inputs are not sent again.
+    pub failed: Option<String>,
+}
+
+pub fn sha256_hex(parts: &[&str]) -> String {
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The state Secret's name: `<grant>-wgtwo-state`, shortened with a hash when that would exceed
+/// the 253-character limit of a name.
+pub fn state_secret_name(grant: &str) -> String {
+    const SUFFIX: &str = "-wgtwo-state";
+    if grant.len() + SUFFIX.len() <= 253 {
+        return format!("{grant}{SUFFIX}");
+    }
+    let hash = &sha256_hex(&[grant])[..10];
+    let head = grant[..253 - SUFFIX.len() - 11].trim_end_matches(['-', '.']);
+    format!("{head}-{hash}{SUFFIX}")
+}
+
+pub fn encode(state: &RefreshState) -> BTreeMap<String, ByteString> {
+    let mut data = BTreeMap::from([
+        (KEY_REFRESH_TOKEN.to_owned(), ByteString(state.refresh_token.secret().as_bytes().to_vec())),
+        (KEY_SOURCE.to_owned(), ByteString(state.source.as_bytes().to_vec())),
+    ]);
+    if let Some(failed) = &state.failed {
+        data.insert(KEY_FAILED.to_owned(), ByteString(failed.as_bytes().to_vec()));
+    }
+    data
+}
+
+pub fn decode(data: &BTreeMap<String, ByteString>) -> Option<RefreshState> {
+    let text = |key: &str| data.get(key).and_then(|v| String::from_utf8(v.0.clone()).ok()).filter(|s| !s.is_empty());
+    Some(RefreshState {
+        refresh_token: RefreshToken::new(text(KEY_REFRESH_TOKEN)?),
+        source: text(KEY_SOURCE)?,
+        failed: text(KEY_FAILED),
+    })
+}
+
+/// Which refresh token to use, given the user's and the state's.
+#[derive(Debug)]
+pub struct Chosen {
+    pub refresh_token: RefreshToken,
+    pub source: String,
+    /// True when the user's token starts a new lineage (first use or re-authorization).
+    pub adopted: bool,
+    pub failed: Option<String>,
+}
+
+pub fn choose(user_token: &str, state: Option<RefreshState>) -> Chosen {
+    let source = sha256_hex(&[user_token]);
+    match state {
+        Some(state) if state.source == source => {
+            Chosen { refresh_token: state.refresh_token, source, adopted: false, failed: state.failed }
+        }
+        _ => Chosen { refresh_token: RefreshToken::new(user_token.to_owned()), source, adopted: true, failed: None },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(token: &str, source_of: &str) -> RefreshState {
+        RefreshState { refresh_token: RefreshToken::new(token.into()), source: sha256_hex(&[source_of]), failed: None }
+    }
+
+    #[test]
+    fn first_use_adopts_the_users_token() {
+        let chosen = choose("user-token", None);
+        assert!(chosen.adopted);
+        assert_eq!(chosen.refresh_token.secret(), "user-token");
+    }
+
+    #[test]
+    fn the_rotated_token_is_used_while_the_users_token_is_unchanged() {
+        let chosen = choose("user-token", Some(state("rotated-3", "user-token")));
+        assert!(!chosen.adopted);
+        assert_eq!(chosen.refresh_token.secret(), "rotated-3");
+    }
+
+    #[test]
+    fn a_new_users_token_starts_a_new_lineage() {
+        let chosen = choose("new-user-token", Some(state("rotated-3", "user-token")));
+        assert!(chosen.adopted);
+        assert_eq!(chosen.refresh_token.secret(), "new-user-token");
+    }
+
+    #[test]
+    fn state_round_trips_and_incomplete_data_is_rejected() {
+        let mut s = state("rotated", "user");
+        s.failed = Some("abc".into());
+        let back = decode(&encode(&s)).unwrap();
+        assert_eq!(back.refresh_token.secret(), "rotated");
+        assert_eq!(back.source, s.source);
+        assert_eq!(back.failed.as_deref(), Some("abc"));
+        let mut data = encode(&s);
+        data.remove(KEY_SOURCE);
+        assert!(decode(&data).is_none());
+    }
+
+    #[test]
+    fn state_names_fit_the_name_limit_and_stay_distinct() {
+        assert_eq!(state_secret_name("alice"), "alice-wgtwo-state");
+        let long_a = "a".repeat(250);
+        let long_b = format!("{}b", "a".repeat(249));
+        let (a, b) = (state_secret_name(&long_a), state_secret_name(&long_b));
+        assert!(a.len() <= 253 && b.len() <= 253);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn hashing_separates_parts() {
+        assert_ne!(sha256_hex(&["ab", "c"]), sha256_hex(&["a", "bc"]));
+    }
+}

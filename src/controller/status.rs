@@ -1,0 +1,93 @@
+//! The grant's status and its Ready condition: machine reasons, human messages that say what to do.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::WgtwoGrantStatus;
+
+pub const READY: &str = "Ready";
+
+/// Machine reasons of the Ready condition (also the `reason` of Events).
+pub mod reason {
+    pub const REFRESHED: &str = "Refreshed";
+    pub const RETRYING_REFRESH: &str = "RetryingRefresh";
+    pub const IDENTITY_SERVICE_UNAVAILABLE: &str = "IdentityServiceUnavailable";
+    pub const INVALID_GRANT: &str = "InvalidGrant";
+    pub const INVALID_CLIENT: &str = "InvalidClient";
+    pub const UNAUTHORIZED_CLIENT: &str = "UnauthorizedClient";
+    pub const INVALID_SCOPE: &str = "InvalidScope";
+    pub const REFRESH_REJECTED: &str = "RefreshRejected";
+    pub const DISCOVERY_FAILED: &str = "DiscoveryFailed";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
+    pub const TARGET_CONFLICT: &str = "TargetConflict";
+    pub const STATE_CONFLICT: &str = "StateConflict";
+    pub const PERSIST_FAILED: &str = "PersistFailed";
+}
+
+/// The Ready condition, keeping `lastTransitionTime` when the status did not change.
+pub fn ready_condition(
+    previous: Option<&Condition>,
+    ready: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if ready { "True" } else { "False" };
+    let last_transition_time = match previous {
+        Some(prev) if prev.status == status => prev.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    Condition {
+        type_: READY.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        last_transition_time,
+        observed_generation: generation,
+    }
+}
+
+pub fn previous_ready(status: Option<&WgtwoGrantStatus>) -> Option<&Condition> {
+    status?.conditions.iter().find(|c| c.type_ == READY)
+}
+
+/// The status with `condition` as its Ready condition (other conditions kept).
+pub fn with_ready(status: Option<&WgtwoGrantStatus>, condition: Condition) -> WgtwoGrantStatus {
+    let mut next = status.cloned().unwrap_or_default();
+    next.conditions.retain(|c| c.type_ != READY);
+    next.conditions.push(condition);
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_flips() {
+        let t0 = Timestamp::from_second(1_700_000_000).unwrap();
+        let t1 = Timestamp::from_second(1_700_000_100).unwrap();
+        let first = ready_condition(None, true, reason::REFRESHED, "ok".into(), Some(1), t0);
+        let same = ready_condition(Some(&first), true, reason::RETRYING_REFRESH, "retrying".into(), Some(1), t1);
+        assert_eq!(same.last_transition_time, Time(t0));
+        let flipped = ready_condition(Some(&same), false, reason::INVALID_GRANT, "re-authorize".into(), Some(1), t1);
+        assert_eq!(flipped.last_transition_time, Time(t1));
+        assert_eq!(flipped.status, "False");
+    }
+
+    #[test]
+    fn with_ready_replaces_only_the_ready_condition() {
+        let t0 = Timestamp::from_second(1_700_000_000).unwrap();
+        let mut status = WgtwoGrantStatus::default();
+        status
+            .conditions
+            .push(Condition { type_: "Other".into(), ..ready_condition(None, true, "X", "x".into(), None, t0) });
+        status.conditions.push(ready_condition(None, false, "Y", "y".into(), None, t0));
+        let next = with_ready(Some(&status), ready_condition(None, true, "Z", "z".into(), None, t0));
+        assert_eq!(next.conditions.len(), 2);
+        assert!(next.conditions.iter().any(|c| c.type_ == "Other"));
+        assert_eq!(previous_ready(Some(&next)).unwrap().reason, "Z");
+    }
+}

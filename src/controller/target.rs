@@ -1,0 +1,122 @@
+//! The target Secret: what a workload mounts. Only what it needs, never the refresh token.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+
+use super::schedule::TokenTimes;
+use crate::oauth::TokenSet;
+
+pub const KEY_ACCESS_TOKEN: &str = "access_token";
+pub const KEY_TOKEN_TYPE: &str = "token_type";
+pub const KEY_EXPIRES_AT: &str = "expires_at";
+pub const KEY_SCOPE: &str = "scope";
+pub const KEY_PHONE_NUMBER: &str = "phone_number";
+/// When the published token was issued (RFC 3339): with `expires_at` it gives the lifetime the
+/// schedule needs, also after a restart.
+pub const ANNOTATION_REFRESHED_AT: &str = "auth.wgtwo.com/refreshed-at";
+
+/// The data of the target Secret for `tokens`. `previous_phone` is kept when this answer carried no
+/// ID token.
+pub fn data(tokens: &TokenSet, expires_at: Timestamp, previous_phone: Option<String>) -> BTreeMap<String, ByteString> {
+    let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
+    let mut data = BTreeMap::from([
+        (KEY_ACCESS_TOKEN.to_owned(), bytes(tokens.access_token.secret())),
+        (KEY_TOKEN_TYPE.to_owned(), bytes(&canonical_token_type(&tokens.token_type))),
+        (KEY_EXPIRES_AT.to_owned(), bytes(&expires_at.to_string())),
+        (KEY_SCOPE.to_owned(), bytes(tokens.scope.as_deref().unwrap_or(""))),
+    ]);
+    let phone = tokens.id_token.as_ref().and_then(|id| id.phone_number.clone()).or(previous_phone);
+    if let Some(phone) = phone {
+        data.insert(KEY_PHONE_NUMBER.to_owned(), bytes(&phone));
+    }
+    data
+}
+
+/// `Bearer`, as RFC 6750 writes it in the Authorization header, whatever case the server used.
+fn canonical_token_type(t: &str) -> String {
+    if t.eq_ignore_ascii_case("bearer") { "Bearer".to_owned() } else { t.to_owned() }
+}
+
+/// The times of the published token, if the Secret holds a complete, parseable one.
+pub fn published_token(secret: &Secret) -> Option<TokenTimes> {
+    let data = secret.data.as_ref()?;
+    let text = |key: &str| data.get(key).and_then(|v| std::str::from_utf8(&v.0).ok());
+    text(KEY_ACCESS_TOKEN).filter(|t| !t.is_empty())?;
+    let expires_at = text(KEY_EXPIRES_AT)?.parse().ok()?;
+    let issued_at = secret.metadata.annotations.as_ref()?.get(ANNOTATION_REFRESHED_AT)?.parse().ok()?;
+    Some(TokenTimes { issued_at, expires_at })
+}
+
+pub fn phone_number(secret: &Secret) -> Option<String> {
+    let value = secret.data.as_ref()?.get(KEY_PHONE_NUMBER)?;
+    String::from_utf8(value.0.clone()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oauth::IdTokenInfo;
+    use crate::oauth::secrets::{AccessToken, RefreshToken};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn tokens(phone: Option<&str>) -> TokenSet {
+        TokenSet {
+            access_token: AccessToken::new("at".into()),
+            refresh_token: Some(RefreshToken::new("rt".into())),
+            token_type: "bearer".into(),
+            expires_at: None,
+            scope: Some("phone offline_access".into()),
+            id_token: phone.map(|p| IdTokenInfo {
+                subject: "alice".into(),
+                phone_number: Some(p.into()),
+                phone_number_verified: Some(true),
+                nonce: None,
+                expires_at: None,
+            }),
+            id_token_error: None,
+        }
+    }
+
+    #[test]
+    fn target_holds_what_a_workload_needs_and_never_the_refresh_token() {
+        let at = Timestamp::from_second(1_700_003_600).unwrap();
+        let d = data(&tokens(Some("+4799999999")), at, None);
+        let keys: Vec<&str> = d.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["access_token", "expires_at", "phone_number", "scope", "token_type"]);
+        assert_eq!(d["token_type"].0, b"Bearer");
+        assert_eq!(d["expires_at"].0, b"2023-11-14T23:13:20Z");
+        assert!(d.values().all(|v| v.0 != b"rt"));
+    }
+
+    #[test]
+    fn phone_number_is_kept_when_a_refresh_brings_no_id_token() {
+        let at = Timestamp::from_second(1_700_003_600).unwrap();
+        let d = data(&tokens(None), at, Some("+4711111111".into()));
+        assert_eq!(d["phone_number"].0, b"+4711111111");
+        assert!(!data(&tokens(None), at, None).contains_key("phone_number"));
+    }
+
+    #[test]
+    fn published_token_needs_token_expiry_and_issue_time() {
+        let at = Timestamp::from_second(1_700_003_600).unwrap();
+        let mut secret = Secret {
+            metadata: ObjectMeta {
+                annotations: Some(BTreeMap::from([(
+                    ANNOTATION_REFRESHED_AT.to_owned(),
+                    "2023-11-14T22:13:20Z".to_owned(),
+                )])),
+                ..Default::default()
+            },
+            data: Some(data(&tokens(None), at, None)),
+            ..Default::default()
+        };
+        let times = published_token(&secret).unwrap();
+        assert_eq!(times.expires_at, at);
+        assert_eq!(times.issued_at, Timestamp::from_second(1_700_000_000).unwrap());
+        secret.data.as_mut().unwrap().insert(KEY_EXPIRES_AT.into(), ByteString(b"tomorrow".to_vec()));
+        assert_eq!(published_token(&secret), None, "an edited Secret is treated as holding no token");
+    }
+}

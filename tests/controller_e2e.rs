@@ -1,0 +1,220 @@
+//! The grant controller end to end: the operator binary against a real apiserver and a real Hydra
+//! with short token lifetimes.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use kube::api::{Patch, PatchParams};
+use support::{Env, NS};
+use wgtwo_testenv::HydraOptions;
+
+fn ttl(secs: u64) -> HydraOptions {
+    HydraOptions { access_token_ttl: Duration::from_secs(secs), ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_becomes_ready_and_is_refreshed_ahead_of_every_expiry_killing_each_old_refresh_token() {
+    let mut env = Env::start(ttl(12)).await;
+    let first = env.authorize("alice").await;
+    env.create_grant("alice", &first, |_| {}).await;
+    let _operator = env.start_operator();
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+
+    let target = env.secrets().get("alice-token").await.unwrap();
+    let mut keys: Vec<_> = target.data.as_ref().unwrap().keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["access_token", "expires_at", "phone_number", "scope", "token_type"]);
+    assert_eq!(env.secret_value("alice-token", "phone_number").await.as_deref(), Some("+4799999999"));
+    assert_eq!(env.secret_value("alice-token", "token_type").await.as_deref(), Some("Bearer"));
+    let owner = &target.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("WgtwoGrant", "alice", Some(true)));
+    let status = env.status("alice").await.unwrap();
+    assert_eq!(status.subject.as_deref(), Some("alice"));
+    assert!(status.expires_at.is_some() && status.next_refresh_time.is_some() && status.last_refresh_time.is_some());
+    assert_eq!(status.observed_generation, Some(1));
+    let table = env.cp.kubectl(&["get", "wgtwogrants", "-n", NS]).unwrap();
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[..3], ["alice", "True", "Refreshed"], "{table}");
+
+    // Watch three more refreshes: each new token appears before the one it replaces expires, and
+    // every refresh token the operator has moved past is dead.
+    let mut seen_refresh_tokens = vec![first];
+    let mut current = env.secret_value("alice-token", "access_token").await.unwrap();
+    let mut current_expiry: jiff::Timestamp =
+        env.secret_value("alice-token", "expires_at").await.unwrap().parse().unwrap();
+    let mut refreshes = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while refreshes < 3 {
+        assert!(Instant::now() < deadline, "only {refreshes} refreshes in 60s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let token = env.secret_value("alice-token", "access_token").await.unwrap();
+        if token == current {
+            continue;
+        }
+        let now = jiff::Timestamp::now();
+        assert!(now < current_expiry, "the new token came after the old one expired ({now} >= {current_expiry})");
+        assert!(env.active(&token).await, "the published access token is active");
+        current = token;
+        current_expiry = env.secret_value("alice-token", "expires_at").await.unwrap().parse().unwrap();
+        let live = env.live_refresh_token("alice").await.unwrap();
+        if !seen_refresh_tokens.contains(&live) {
+            seen_refresh_tokens.push(live);
+        }
+        refreshes += 1;
+    }
+    let (live, old) = seen_refresh_tokens.split_last().unwrap();
+    assert!(env.active(live).await);
+    for token in old {
+        assert!(!env.active(token).await, "a rotated-out refresh token is still active");
+    }
+    // One token request per refresh (plus the test's own code exchange), nothing more.
+    let requests = env.hydra.token_requests();
+    assert!(requests <= 1 + 1 + refreshes + 1, "{requests} token requests for {refreshes} refreshes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_restart_sends_no_refresh_while_the_published_token_is_valid() {
+    let mut env = Env::start(ttl(3600)).await;
+    let token = env.authorize("alice").await;
+    env.create_grant("alice", &token, |_| {}).await;
+    let mut operator = env.start_operator();
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+    let published = env.secret_value("alice-token", "access_token").await;
+    let requests = env.hydra.token_requests();
+
+    for restart in 0..3 {
+        assert!(operator.terminate(Duration::from_secs(10)).unwrap().success(), "SIGTERM exits 0");
+        operator = env.start_operator();
+        // Wait until the new process has reconciled the grant and decided to wait.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(operator.log_path()).unwrap().contains("next refresh scheduled") {
+            assert!(Instant::now() < deadline, "restart {restart}: no reconcile logged");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.hydra.token_requests(), requests, "a restart refreshed a valid token");
+    assert_eq!(env.secret_value("alice-token", "access_token").await, published);
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_now_annotation_refreshes_once() {
+    let mut env = Env::start(ttl(3600)).await;
+    let token = env.authorize("alice").await;
+    env.create_grant("alice", &token, |_| {}).await;
+    let _operator = env.start_operator();
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+    let before = env.secret_value("alice-token", "access_token").await;
+    let requests = env.hydra.token_requests();
+    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "2026-11-24T12:00:00Z"}}});
+    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.secret_value("alice-token", "access_token").await == before {
+        assert!(Instant::now() < deadline, "the annotation did not trigger a refresh");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(env.hydra.token_requests(), requests + 1, "one request per annotation value");
+    let status = env.status("alice").await.unwrap();
+    assert_eq!(status.refresh_request_handled.as_deref(), Some("2026-11-24T12:00:00Z"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_permanent_problem_has_its_reason_and_sends_no_repeated_token_requests() {
+    let mut env = Env::start(ttl(3600)).await;
+
+    // A refresh token that was already rotated away.
+    let used = env.authorize("used").await;
+    env.wgtwo.refresh(&wgtwo_operator::oauth::secrets::RefreshToken::new(used.clone()), None).await.unwrap();
+    env.create_grant("used", &used, |_| {}).await;
+    // A wrong client secret.
+    env.put_secret("bad-client", &[("client_id", &env.client.client_id), ("client_secret", "wrong-secret-value")])
+        .await;
+    let valid = env.authorize("badclient").await;
+    env.create_grant("badclient", &valid, |s| s.client_secret_ref.name = "bad-client".into()).await;
+    // A Secret that does not exist, and a key that does not exist.
+    env.create_grant("nosecret", "unused", |s| s.refresh_token_secret_ref.name = "missing-secret".into()).await;
+    env.create_grant("nokey", "unused", |s| s.refresh_token_secret_ref.key = "other".into()).await;
+    // A target name already taken by someone else's Secret.
+    env.put_secret("taken", &[("config", "someone else's")]).await;
+    let valid2 = env.authorize("conflict").await;
+    env.create_grant("conflict", &valid2, |s| s.target.secret_name = "taken".into()).await;
+
+    let baseline = env.hydra.token_requests();
+    let _operator = env.start_operator();
+    let timeout = Duration::from_secs(30);
+    env.wait_ready("used", "False", "InvalidGrant", timeout).await;
+    env.wait_ready("badclient", "False", "InvalidClient", timeout).await;
+    env.wait_ready("nosecret", "False", "SecretNotFound", timeout).await;
+    env.wait_ready("nokey", "False", "SecretKeyMissing", timeout).await;
+    env.wait_ready("conflict", "False", "TargetConflict", timeout).await;
+    assert_eq!(env.secret_value("taken", "config").await.as_deref(), Some("someone else's"), "not overwritten");
+
+    // Messages say what to do; Events carry the same reasons.
+    let message = |name: &'static str| {
+        let env = &env;
+        async move { env.status(name).await.unwrap().conditions[0].message.clone() }
+    };
+    assert!(message("used").await.contains("Re-authorize"), "{}", message("used").await);
+    assert!(message("badclient").await.contains("Secret bad-client"), "{}", message("badclient").await);
+    assert!(message("nosecret").await.contains("missing-secret"));
+    assert!(message("nokey").await.contains("key other"));
+    assert!(env.events("used").await.iter().any(|(r, _)| r == "InvalidGrant"));
+
+    // Two token requests (one per grant that reached the identity service), and no more: not after
+    // a while, not when the grants are touched.
+    assert_eq!(env.hydra.token_requests(), baseline + 2);
+    for name in ["used", "badclient", "nosecret", "nokey", "conflict"] {
+        let patch = serde_json::json!({"metadata": {"labels": {"touched": "yes"}}});
+        env.grants().patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(env.hydra.token_requests(), baseline + 2, "a permanent failure was retried");
+    for (_, note) in env.events("badclient").await {
+        assert!(!note.contains("wrong-secret-value"), "an Event carries the client secret");
+    }
+
+    // Re-authorization through the user's Secret recovers the InvalidGrant grant without a restart.
+    let fresh = env.authorize("used").await;
+    env.put_secret("used-authorization", &[("refresh_token", &fresh)]).await;
+    env.wait_ready("used", "True", "Refreshed", timeout).await;
+    // Fixing the missing Secret recovers that one.
+    let fixed = env.authorize("nosecret").await;
+    env.put_secret("missing-secret", &[("refresh_token", &fixed)]).await;
+    env.wait_ready("nosecret", "True", "Refreshed", timeout).await;
+    // Moving the target off the taken name recovers the conflict.
+    let patch = serde_json::json!({"spec": {"target": {"secretName": "conflict-token"}}});
+    env.grants().patch("conflict", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    env.wait_ready("conflict", "True", "Refreshed", timeout).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_service_outage_backs_off_visibly_and_recovers_without_restart() {
+    let mut env = Env::start(HydraOptions { persistent: true, ..ttl(8) }).await;
+    let token = env.authorize("alice").await;
+    env.create_grant("alice", &token, |_| {}).await;
+    let _operator = env.start_operator();
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+
+    env.hydra.stop().unwrap();
+    // While the published token is valid: still Ready, retrying; after it expires: not Ready.
+    env.wait_ready("alice", "True", "RetryingRefresh", Duration::from_secs(15)).await;
+    env.wait_ready("alice", "False", "IdentityServiceUnavailable", Duration::from_secs(20)).await;
+    let message = env.status("alice").await.unwrap().conditions[0].message.clone();
+    assert!(message.contains("retrying in"), "{message}");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let failures: Vec<String> =
+        env.events("alice").await.into_iter().filter(|(r, _)| r == "RefreshFailed").map(|(_, n)| n).collect();
+    assert!(!failures.is_empty(), "no RefreshFailed Event");
+    // Backoff: far fewer attempts than a hot loop would make (min 500 ms, doubling, max 4 s).
+    let log = std::fs::read_to_string(env.dir.path().join("operator-1.log")).unwrap();
+    let attempts = log.matches("refreshing").count();
+    assert!(attempts < 25, "{attempts} refresh attempts during the outage");
+
+    env.hydra.restart().await.unwrap();
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(15)).await;
+    let published = env.secret_value("alice-token", "access_token").await.unwrap();
+    assert!(env.active(&published).await);
+}
