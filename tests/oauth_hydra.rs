@@ -261,3 +261,17 @@ async fn an_issuer_that_is_not_an_oidc_server_is_a_permanent_discovery_error() {
     assert!(matches!(err, OAuthError::Discovery { .. }), "{err}");
     assert_eq!(err.class(), ErrorClass::Permanent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hydra_revokes_the_previous_access_token_when_a_refresh_succeeds() {
+    // Observed on Hydra v2.3.0 (fosite's refresh handler): the old access token dies at once, so a
+    // workload still holding it gets 401 until it reads the new one. The README's advice to
+    // consumers rests on this; the test fails if Hydra changes it.
+    let (hydra, client) = hydra(Duration::from_secs(3600)).await;
+    let wgtwo = WgtwoClient::discover(config(&hydra, &client)).await.unwrap();
+    let tokens = authorized(&hydra, &wgtwo, AuthorizationRequest::new("phone offline_access")).await;
+    assert_eq!(hydra.introspect(tokens.access_token.secret()).await.unwrap()["active"], true);
+    let refreshed = wgtwo.refresh(tokens.refresh_token.as_ref().unwrap(), None).await.unwrap();
+    assert_eq!(hydra.introspect(tokens.access_token.secret()).await.unwrap()["active"], false);
+    assert_eq!(hydra.introspect(refreshed.access_token.secret()).await.unwrap()["active"], true);
+}

@@ -28,7 +28,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
@@ -88,6 +88,9 @@ struct Pending {
     source: String,
     tokens: TokenSet,
     refreshed_at: Timestamp,
+    /// When the answer arrived: from then until the state Secret is written, a crash loses the
+    /// rotated refresh token (unless the server has a rotation grace period).
+    received: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -179,8 +182,15 @@ pub async fn run(client: kube::Client, options: Options) -> anyhow::Result<()> {
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let ctx = Arc::new(Context::new(client, options));
-    let controller = Controller::new(grants, watcher::Config::default());
-    let store = controller.store();
+    // Reconcile on spec and annotation changes, not on our own status writes: a status patch after a
+    // failed refresh must not bypass the backoff.
+    let (store, writer) = reflector::store();
+    let grant_changes = watcher(grants, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(spec_or_annotations, Default::default());
+    let controller = Controller::for_stream(grant_changes, store.clone());
     let secret_changes = watcher(secrets, watcher::Config::default()).default_backoff().touched_objects();
     controller
         .watches_stream(secret_changes, move |secret| {
@@ -202,6 +212,13 @@ pub async fn run(client: kube::Client, options: Options) -> anyhow::Result<()> {
         .await;
     info!("controller stopped");
     Ok(())
+}
+
+fn spec_or_annotations(grant: &WgtwoGrant) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (grant.metadata.generation, grant.annotations()).hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// Whether the grant reads or writes the Secret `name` (in its own namespace).
@@ -255,7 +272,10 @@ impl Run<'_> {
         if let Some(pending) = self.ctx.take_pending(&self.key) {
             let state = self.secrets.get_opt(&self.state_name()).await?;
             let target = self.secrets.get_opt(&self.grant.spec.target.secret_name).await?;
-            self.publish(pending, state.as_ref(), target.as_ref()).await?;
+            let next = self.publish(pending, state.as_ref(), target.as_ref()).await?;
+            self.ctx.reset_backoff(&self.key);
+            // This reconcile's view of the grant predates the publish; decide afresh next time.
+            return Ok(Action::requeue(until(Timestamp::now(), next)));
         }
 
         let inputs = match inputs::read(&self.secrets, self.grant).await? {
@@ -292,7 +312,12 @@ impl Run<'_> {
         let now = Timestamp::now();
         let published = target_secret.as_ref().and_then(target::published_token);
         let requested = self.grant.annotations().get(ANNOTATION_REFRESH_REQUESTED).cloned();
-        let handled = self.grant.status.as_ref().and_then(|s| s.refresh_request_handled.clone());
+        let mut handled = self.grant.status.as_ref().and_then(|s| s.refresh_request_handled.clone());
+        if requested.is_some() && requested != handled {
+            // The cached grant may predate our own last status write: confirm before refreshing.
+            let fresh = self.grants.get_status(&self.grant.name_any()).await?;
+            handled = fresh.status.and_then(|s| s.refresh_request_handled);
+        }
         let decision = schedule::decide(&Observed {
             now,
             token: published,
@@ -354,6 +379,7 @@ impl Run<'_> {
             source: chosen.source,
             tokens,
             refreshed_at: Timestamp::now(),
+            received: std::time::Instant::now(),
         };
         let next = self.publish(pending, state_secret.as_ref(), target_secret.as_ref()).await?;
         self.ctx.reset_backoff(&self.key);
@@ -379,6 +405,7 @@ impl Run<'_> {
             self.ctx.keep_pending(&self.key, pending);
             return Err(Error::PersistFailed(kube_message(&err)));
         }
+        debug!(grant = %self.grant.name_any(), elapsed_ms = pending.received.elapsed().as_millis(), "rotated refresh token persisted");
         let expires_at = pending.tokens.expires_at.unwrap_or(pending.refreshed_at + DEFAULT_LIFETIME);
         let data = target::data(&pending.tokens, expires_at, target.and_then(target::phone_number));
         let annotations =

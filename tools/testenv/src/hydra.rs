@@ -26,6 +26,9 @@ pub struct HydraOptions {
     /// Keep the store in an SQLite file instead of memory, so [`Hydra::stop`] and
     /// [`Hydra::restart`] lose nothing.
     pub persistent: bool,
+    /// `oauth2.grant.refresh_token.rotation_grace_period`: how long a used refresh token stays
+    /// valid (Hydra's default, and wgtwo's as far as we know: zero).
+    pub refresh_token_grace_period: Duration,
 }
 
 impl Default for HydraOptions {
@@ -36,6 +39,7 @@ impl Default for HydraOptions {
             refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
             id_token_ttl: Duration::from_secs(3600),
             persistent: false,
+            refresh_token_grace_period: Duration::ZERO,
         }
     }
 }
@@ -366,6 +370,10 @@ secrets:
   system: ["{secret}"]
 strategies:
   access_token: opaque
+oauth2:
+  grant:
+    refresh_token:
+      rotation_grace_period: {grace}s
 ttl:
   access_token: {at}s
   refresh_token: {rt}s
@@ -375,6 +383,7 @@ ttl:
 "#,
         cert = tls.0.display(),
         key = tls.1.display(),
+        grace = o.refresh_token_grace_period.as_secs(),
         at = o.access_token_ttl.as_secs(),
         rt = o.refresh_token_ttl.as_secs(),
         it = o.id_token_ttl.as_secs(),

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job, locally, on a fresh machine: builds (or reuses) a real kube-apiserver + etcd and
+# Ory Hydra, authorizes a simulated subscriber with `wgtwo-operator authorize`, runs the operator
+# and shows its target Secret being rotated. Everything stops and is removed at the end
+# (pass --keep to keep it running until Ctrl-C).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "==> building or reusing the local servers (first run: several minutes)"
+tools/testenv/build.sh >/dev/null
+echo "==> building wgtwo-operator"
+cargo build --quiet --locked --bin wgtwo-operator --bin wgtwo-demo --workspace
+exec target/debug/wgtwo-demo --operator target/debug/wgtwo-operator "$@"

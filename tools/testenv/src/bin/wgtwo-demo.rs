@@ -1,0 +1,159 @@
+//! The main job, locally: a real kube-apiserver and Ory Hydra on loopback, a subscriber authorized
+//! with `wgtwo-operator authorize`, the operator running, and its target Secret being rotated.
+//! Tokens are never printed, only a fingerprint of each.
+//!
+//!   wgtwo-demo --operator target/debug/wgtwo-operator [--rotations N] [--keep]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
+use wgtwo_testenv::process::ChildGuard;
+use wgtwo_testenv::{ControlPlane, Hydra, HydraOptions, Subscriber};
+
+const NS: &str = "demo";
+const REDIRECT: &str = "https://example.com/callback";
+const TTL: Duration = Duration::from_secs(20);
+
+struct Args {
+    operator: String,
+    rotations: usize,
+    keep: bool,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut args = Args { operator: String::new(), rotations: 3, keep: false };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--operator" => args.operator = it.next().context("--operator PATH")?,
+            "--rotations" => args.rotations = it.next().context("--rotations N")?.parse()?,
+            "--keep" => args.keep = true,
+            other => bail!("unknown argument {other}; usage: wgtwo-demo --operator PATH [--rotations N] [--keep]"),
+        }
+    }
+    anyhow::ensure!(!args.operator.is_empty(), "usage: wgtwo-demo --operator PATH [--rotations N] [--keep]");
+    Ok(args)
+}
+
+fn step(text: &str) {
+    println!("\n==> {text}");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = args()?;
+    step(&format!("starting kube-apiserver + etcd and Ory Hydra on loopback (access tokens live {}s)", TTL.as_secs()));
+    let (cp, hydra) =
+        tokio::join!(ControlPlane::start(), Hydra::start(HydraOptions { access_token_ttl: TTL, ..Default::default() }));
+    let (cp, hydra) = (cp?, hydra?);
+    println!("    apiserver {}   hydra {}", cp.url(), hydra.base_url());
+    let dir = tempfile::tempdir()?;
+    let ca_file = dir.path().join("hydra-ca.pem");
+    std::fs::write(&ca_file, hydra.ca_pem())?;
+
+    step("registering an OAuth client in Hydra and storing it in Secret demo/wgtwo-client");
+    let client = hydra.create_client(&[REDIRECT]).await?;
+    cp.create_namespace(NS).await?;
+    let kube = cp.admin_client().await?;
+    let secrets: Api<Secret> = Api::namespaced(kube.clone(), NS);
+    let client_secret = Secret {
+        metadata: ObjectMeta { name: Some("wgtwo-client".into()), ..Default::default() },
+        data: Some(BTreeMap::from([
+            ("client_id".to_owned(), ByteString(client.client_id.clone().into_bytes())),
+            ("client_secret".to_owned(), ByteString(client.client_secret.clone().into_bytes())),
+        ])),
+        ..Default::default()
+    };
+    secrets.create(&PostParams::default(), &client_secret).await?;
+
+    step("wgtwo-operator authorize alice -n demo --paste   (a simulated subscriber logs in and consents)");
+    let mut authorize = Command::new(&args.operator)
+        .args(["authorize", "alice", "-n", NS, "--paste", "--no-browser", "--redirect-uri", REDIRECT])
+        .args(["--issuer-url", &hydra.base_url()])
+        .arg("--ca-bundle")
+        .arg(&ca_file)
+        .env("KUBECONFIG", cp.admin_kubeconfig())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start wgtwo-operator authorize")?;
+    let mut stdout = BufReader::new(authorize.stdout.take().unwrap());
+    let url = loop {
+        let mut line = String::new();
+        anyhow::ensure!(stdout.read_line(&mut line)? > 0, "authorize printed no URL");
+        print!("    | {line}");
+        if let Some(rest) = line.trim().strip_prefix("https://") {
+            break format!("https://{rest}");
+        }
+    };
+    let callback = hydra.authorize(&url, &Subscriber::new("alice", "+4799999999")).await?;
+    println!("    (the browser ends on {}?code=…&state=…; pasting it)", REDIRECT);
+    writeln!(authorize.stdin.as_mut().unwrap(), "{}", callback.url)?;
+    for line in stdout.lines() {
+        println!("    | {}", line?);
+    }
+    anyhow::ensure!(authorize.wait()?.success(), "authorize failed");
+
+    step("wgtwo-operator run --namespace demo");
+    let mut cmd = Command::new(&args.operator);
+    cmd.args(["run", "--namespace", NS]).arg("--ca-bundle").arg(&ca_file).env("KUBECONFIG", cp.admin_kubeconfig());
+    let log = dir.path().join("operator.log");
+    let mut operator = ChildGuard::spawn("wgtwo-operator", cmd, &log)?;
+    println!("    (operator log: {})", log.display());
+
+    step(&format!("watching Secret demo/alice-token for {} rotations (fingerprints, never tokens)", args.rotations));
+    let started = Instant::now();
+    let mut last = None;
+    let mut rotations = 0;
+    while rotations <= args.rotations {
+        operator.check_running()?;
+        anyhow::ensure!(started.elapsed() < TTL * (args.rotations as u32 + 3), "no rotation seen in time");
+        if let Some(secret) = secrets.get_opt("alice-token").await? {
+            let data = secret.data.unwrap_or_default();
+            let get = |k: &str| data.get(k).map(|v| String::from_utf8_lossy(&v.0).into_owned()).unwrap_or_default();
+            let token = get("access_token");
+            if Some(&token) != last.as_ref() {
+                let introspected = hydra.introspect(&token).await?;
+                println!(
+                    "    {:>5.1}s  access_token sha256 {}…  expires_at {}  phone_number {}  active at Hydra: {}",
+                    started.elapsed().as_secs_f64(),
+                    &fingerprint(&token)[..12],
+                    get("expires_at"),
+                    get("phone_number"),
+                    introspected["active"]
+                );
+                last = Some(token);
+                rotations += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    step("kubectl get wgtwogrants -n demo");
+    print!("{}", indent(&cp.kubectl(&["get", "wgtwogrants", "-n", NS])?));
+    step("kubectl get secrets -n demo");
+    print!("{}", indent(&cp.kubectl(&["get", "secrets", "-n", NS])?));
+
+    if args.keep {
+        step("keeping everything running; press Ctrl-C to stop and clean up");
+        println!("    export KUBECONFIG={}", cp.admin_kubeconfig().display());
+        tokio::signal::ctrl_c().await?;
+    }
+    step("done: stopping the operator, Hydra and the control plane");
+    Ok(())
+}
+
+fn fingerprint(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
+}
