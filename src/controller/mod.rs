@@ -378,7 +378,7 @@ impl Run<'_> {
             refresh_token: tokens.refresh_token.clone().unwrap_or(chosen.refresh_token),
             source: chosen.source,
             tokens,
-            refreshed_at: Timestamp::now(),
+            refreshed_at: whole_seconds(Timestamp::now()),
             received: std::time::Instant::now(),
         };
         let next = self.publish(pending, state_secret.as_ref(), target_secret.as_ref()).await?;
@@ -406,7 +406,8 @@ impl Run<'_> {
             return Err(Error::PersistFailed(kube_message(&err)));
         }
         debug!(grant = %self.grant.name_any(), elapsed_ms = pending.received.elapsed().as_millis(), "rotated refresh token persisted");
-        let expires_at = pending.tokens.expires_at.unwrap_or(pending.refreshed_at + DEFAULT_LIFETIME);
+        // Whole seconds (rounded down: never later than the server said), as RFC 3339 readers expect.
+        let expires_at = whole_seconds(pending.tokens.expires_at.unwrap_or(pending.refreshed_at + DEFAULT_LIFETIME));
         let data = target::data(&pending.tokens, expires_at, target.and_then(target::phone_number));
         let annotations =
             BTreeMap::from([(target::ANNOTATION_REFRESHED_AT.to_owned(), pending.refreshed_at.to_string())]);
@@ -616,6 +617,10 @@ impl Run<'_> {
             warn!(error = %err, "could not publish an Event");
         }
     }
+}
+
+fn whole_seconds(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap_or(t)
 }
 
 fn until(now: Timestamp, at: Timestamp) -> Duration {
