@@ -1,14 +1,12 @@
 //! `wgtwo-operator authorize` end to end: the real binary against a real apiserver and a real
 //! Hydra, with the test driver playing the subscriber in the browser.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, PostParams};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use url::Url;
@@ -34,14 +32,7 @@ async fn env() -> Env {
     let loopback_redirect = format!("http://127.0.0.1:{}/callback", free_port());
     let client = hydra.create_client(&[&loopback_redirect, PASTE_REDIRECT]).await.unwrap();
     cp.create_namespace(NS).await.unwrap();
-    let secret = Secret {
-        metadata: ObjectMeta { name: Some("wgtwo-client".into()), ..Default::default() },
-        data: Some(BTreeMap::from([
-            ("client_id".to_owned(), ByteString(client.client_id.clone().into_bytes())),
-            ("client_secret".to_owned(), ByteString(client.client_secret.clone().into_bytes())),
-        ])),
-        ..Default::default()
-    };
+    let secret = client.kube_secret("wgtwo-client");
     let secrets: Api<Secret> = Api::namespaced(cp.admin_client().await.unwrap(), NS);
     secrets.create(&PostParams::default(), &secret).await.unwrap();
     let dir = tempfile::tempdir().unwrap();

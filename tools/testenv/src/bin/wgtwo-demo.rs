@@ -4,15 +4,13 @@
 //!
 //!   wgtwo-demo --operator target/debug/wgtwo-operator [--rotations N] [--keep]
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, PostParams};
 use wgtwo_testenv::process::ChildGuard;
 use wgtwo_testenv::{ControlPlane, Hydra, HydraOptions, Subscriber};
 
@@ -62,14 +60,7 @@ async fn main() -> anyhow::Result<()> {
     cp.create_namespace(NS).await?;
     let kube = cp.admin_client().await?;
     let secrets: Api<Secret> = Api::namespaced(kube.clone(), NS);
-    let client_secret = Secret {
-        metadata: ObjectMeta { name: Some("wgtwo-client".into()), ..Default::default() },
-        data: Some(BTreeMap::from([
-            ("client_id".to_owned(), ByteString(client.client_id.clone().into_bytes())),
-            ("client_secret".to_owned(), ByteString(client.client_secret.clone().into_bytes())),
-        ])),
-        ..Default::default()
-    };
+    let client_secret = client.kube_secret("wgtwo-client");
     secrets.create(&PostParams::default(), &client_secret).await?;
 
     step("wgtwo-operator authorize alice -n demo --paste   (a simulated subscriber logs in and consents)");
