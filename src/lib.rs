@@ -3,4 +3,8 @@
 pub mod api;
 pub mod authorize;
 pub mod controller;
+pub mod leader;
+pub mod metrics;
 pub mod oauth;
+pub mod operator;
+pub mod server;

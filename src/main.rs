@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use url::Url;
 use wgtwo_operator::authorize::{AuthorizeOptions, authorize};
 use wgtwo_operator::oauth::Prompt;
+use wgtwo_operator::operator::{Election, RunConfig};
 
 /// Keeps wgtwo OAuth 2.0 access tokens alive in Kubernetes Secrets.
 #[derive(Parser)]
@@ -22,7 +23,7 @@ enum Command {
     /// the WgtwoGrant that keeps their access token alive.
     Authorize(Box<AuthorizeArgs>),
     /// Run the controller: keep every WgtwoGrant's access token refreshed in its target Secret.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Args)]
@@ -34,13 +35,33 @@ struct RunArgs {
     #[arg(long, env = "WGTWO_CA_BUNDLE")]
     ca_bundle: Option<PathBuf>,
     /// Timeout of each request to the identity service.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     request_timeout: Duration,
     /// First delay after a failed refresh; doubles (with jitter) up to --max-backoff.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     min_backoff: Duration,
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     max_backoff: Duration,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_bind_address: std::net::SocketAddr,
+    /// Elect a leader on a Lease so several replicas can run; only the leader refreshes. Set to
+    /// false only when exactly one replica runs.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the Lease [default: the pod's namespace].
+    #[arg(long, env = "POD_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, default_value = "wgtwo-operator")]
+    leader_election_id: String,
+    /// How long a leader that stops renewing keeps the Lease. A leader sends a token request only
+    /// with more than --request-timeout + 5s of it left.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// How often the leader renews the Lease (and a standby checks it).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    lease_renew_period: Duration,
 }
 
 #[derive(Args)]
@@ -109,20 +130,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Crd => print!("{}", wgtwo_operator::api::crd_yaml()),
         Command::Run(a) => {
+            let a = *a;
             let ca_bundle_pem = match &a.ca_bundle {
                 Some(path) => {
                     Some(std::fs::read(path).map_err(|e| anyhow::anyhow!("--ca-bundle {}: {e}", path.display()))?)
                 }
                 None => None,
             };
-            let options = wgtwo_operator::controller::Options {
+            let controller = wgtwo_operator::controller::Options {
                 namespace: a.namespace,
                 ca_bundle_pem,
                 request_timeout: a.request_timeout,
                 min_backoff: a.min_backoff,
                 max_backoff: a.max_backoff,
             };
-            wgtwo_operator::controller::run(kube::Client::try_default().await?, options).await?;
+            let election = a.leader_elect.then_some(Election {
+                namespace: a.leader_election_namespace,
+                lease_name: a.leader_election_id,
+                lease_duration: a.lease_duration,
+                renew_period: a.lease_renew_period,
+            });
+            if let Some(e) = &election {
+                e.validate(&controller)?;
+            }
+            let config = RunConfig { controller, metrics_address: a.metrics_bind_address, election };
+            wgtwo_operator::operator::run(kube::Client::try_default().await?, config).await?;
         }
         Command::Authorize(a) => {
             let a = *a;

@@ -6,9 +6,12 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 step() { echo "==> $* ($(( $(date +%s) - start ))s)"; }
 
-step "building or reusing the test peers (kube-apiserver, etcd, kubectl, hydra)"
+step "building or reusing the test peers and tools (kube-apiserver, etcd, kubectl, hydra, promtool, helm)"
 bins=$(tools/testenv/build.sh)
 echo "$bins"
+
+step "hadolint Dockerfile"
+tools/hadolint.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

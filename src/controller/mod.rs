@@ -16,11 +16,12 @@ pub mod status;
 pub mod target;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
@@ -31,12 +32,15 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
-use tracing::{debug, info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
 
 use self::lineage::RefreshState;
 use self::schedule::{Decision, Observed, RefreshReason};
 use self::status::reason;
 use crate::api::{ANNOTATION_REFRESH_REQUESTED, WgtwoGrant, WgtwoGrantStatus};
+use crate::leader::Leadership;
+use crate::metrics::{self, Metrics};
 use crate::oauth::secrets::RefreshToken;
 use crate::oauth::{ClientConfig, ErrorClass, OAuthError, TokenSet, WgtwoClient};
 
@@ -51,6 +55,9 @@ const PERMANENT_RECHECK: Duration = Duration::from_secs(30 * 60);
 const INPUT_RECHECK: Duration = Duration::from_secs(5 * 60);
 /// Assumed when a token response has no `expires_in` (wgtwo always sends 3600).
 const DEFAULT_LIFETIME: SignedDuration = SignedDuration::from_secs(3600);
+/// Time allowed, on top of the request timeout, to persist a refresh answer: a token request is
+/// sent only while the Lease is held for at least that much longer.
+pub const PERSIST_BUDGET: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -67,10 +74,32 @@ impl Default for Options {
         Self {
             namespace: None,
             ca_bundle_pem: None,
-            request_timeout: Duration::from_secs(15),
+            request_timeout: Duration::from_secs(10),
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(5 * 60),
         }
+    }
+}
+
+impl Options {
+    /// How long the Lease must still be held for a token request to be sent.
+    pub fn lease_margin(&self) -> Duration {
+        self.request_timeout + PERSIST_BUDGET
+    }
+}
+
+/// What the controller shares with the rest of the process.
+#[derive(Clone)]
+pub struct Shared {
+    pub metrics: Metrics,
+    pub leadership: Leadership,
+    /// Set once the grant watch has listed everything.
+    pub synced: Arc<AtomicBool>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self { metrics: Metrics::new(), leadership: Leadership::always(), synced: Default::default() }
     }
 }
 
@@ -103,16 +132,22 @@ pub struct Context {
     client: kube::Client,
     recorder: Recorder,
     options: Options,
+    shared: Shared,
     /// Discovered clients by issuer, client id and secret fingerprint.
     oauth: tokio::sync::Mutex<HashMap<String, Arc<WgtwoClient>>>,
     memory: Mutex<HashMap<ObjectRef<WgtwoGrant>, Memory>>,
 }
 
 impl Context {
-    pub fn new(client: kube::Client, options: Options) -> Self {
-        let instance = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok());
-        let recorder = Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance });
-        Self { client, recorder, options, oauth: Default::default(), memory: Default::default() }
+    pub fn new(client: kube::Client, options: Options, shared: Shared) -> Self {
+        let recorder = recorder(client.clone());
+        Self { client, recorder, options, shared, oauth: Default::default(), memory: Default::default() }
+    }
+
+    /// Answers kept in memory because they could not be persisted (lost if the process exits).
+    fn unpersisted(&self) -> Vec<String> {
+        let memory = self.memory.lock().unwrap();
+        memory.iter().filter(|(_, m)| m.pending.is_some()).map(|(k, _)| k.to_string()).collect()
     }
 
     fn take_pending(&self, key: &ObjectRef<WgtwoGrant>) -> Option<Pending> {
@@ -174,20 +209,51 @@ impl Context {
     }
 }
 
-/// Runs the controller until SIGTERM/SIGINT; in-flight reconciles finish first.
-pub async fn run(client: kube::Client, options: Options) -> anyhow::Result<()> {
+/// The Event recorder of the operator, naming this pod as the reporting instance.
+pub fn recorder(client: kube::Client) -> Recorder {
+    let instance = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok());
+    Recorder::new(client, Reporter { controller: MANAGER.into(), instance })
+}
+
+/// Runs the controller until `shutdown`; then no reconcile starts and in-flight ones (including
+/// the persistence of a rotated refresh token) finish before this returns.
+pub async fn run(
+    client: kube::Client,
+    options: Options,
+    shared: Shared,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     // Secrets as metadata only: the operator never caches the data of anyone's Secrets.
     let (grants, secrets): (Api<WgtwoGrant>, Api<PartialObjectMeta<Secret>>) = match &options.namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let ctx = Arc::new(Context::new(client, options));
+    let ctx = Arc::new(Context::new(client, options, shared.clone()));
     // Reconcile on spec and annotation changes, not on our own status writes: a status patch after a
     // failed refresh must not bypass the backoff.
     let (store, writer) = reflector::store();
+    let metrics = shared.metrics.clone();
+    let reader = store.clone();
+    // Set here rather than by Store::wait_until_ready, whose waker the Controller's own wait
+    // displaces (a second waiter is never woken).
+    let synced = shared.synced.clone();
     let grant_changes = watcher(grants, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
+        // Per-grant gauges follow every status change, including our own writes.
+        .inspect_ok(move |event| match event {
+            watcher::Event::Apply(g) | watcher::Event::InitApply(g) => metrics.observe_grant(g),
+            watcher::Event::Delete(g) => metrics.forget_grant(&g.namespace().unwrap_or_default(), &g.name_any()),
+            watcher::Event::InitDone => {
+                metrics.retain_grants(
+                    &reader.state().iter().map(|g| (g.namespace().unwrap_or_default(), g.name_any())).collect(),
+                );
+                if !synced.swap(true, Ordering::Relaxed) {
+                    info!("grant watch synced");
+                }
+            }
+            watcher::Event::Init => {}
+        })
         .applied_objects()
         .predicate_filter(spec_or_annotations, Default::default());
     let controller = Controller::for_stream(grant_changes, store.clone());
@@ -202,14 +268,20 @@ pub async fn run(client: kube::Client, options: Options) -> anyhow::Result<()> {
                 .map(|g| ObjectRef::from_obj(&*g))
                 .collect::<Vec<_>>()
         })
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        // A standby ignores everything; on becoming the leader it looks at every grant.
+        .reconcile_all_on(shared.leadership.became_leader())
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(err) = result {
                 warn!(error = %err, "reconcile failed");
             }
         })
         .await;
+    let lost = ctx.unpersisted();
+    if !lost.is_empty() {
+        error!(grants = ?lost, "stopped with rotated refresh tokens that could not be persisted; these grants need re-authorization unless the identity service has a rotation grace period");
+    }
     info!("controller stopped");
     Ok(())
 }
@@ -231,6 +303,10 @@ fn references(grant: &WgtwoGrant, name: &str) -> bool {
 }
 
 fn error_policy(grant: Arc<WgtwoGrant>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.shared.metrics.reconcile_error(match err {
+        Error::Kube(_) => reason::KUBERNETES_API,
+        Error::PersistFailed(_) => reason::PERSIST_FAILED,
+    });
     let delay = ctx.next_backoff(&ObjectRef::from_obj(&*grant));
     warn!(grant = %grant.name_any(), namespace = ?grant.namespace(), error = %err, retry_in = ?delay, "reconcile error");
     Action::requeue(delay)
@@ -276,6 +352,10 @@ impl Run<'_> {
             self.ctx.reset_backoff(&self.key);
             // This reconcile's view of the grant predates the publish; decide afresh next time.
             return Ok(Action::requeue(until(Timestamp::now(), next)));
+        }
+        // Only the leader reads, refreshes and writes; becoming the leader triggers a pass.
+        if !self.ctx.shared.leadership.is_leader() {
+            return Ok(Action::await_change());
         }
 
         let inputs = match inputs::read(&self.secrets, self.grant).await? {
@@ -360,7 +440,28 @@ impl Run<'_> {
         info!(grant = %self.grant.name_any(), namespace = ?self.grant.namespace(), reason = why.as_str(), "refreshing");
         let issuer = &self.grant.spec.issuer_url;
         let result = match self.ctx.oauth_client(issuer, inputs).await {
-            Ok(client) => client.refresh(&chosen.refresh_token, self.grant.spec.scope.as_deref()).await,
+            // Checked right before sending: a replica whose Lease may lapse before the answer is
+            // persisted must not present the refresh token (the next leader would present it too).
+            Ok(_) if !self.ctx.shared.leadership.may_send(self.ctx.options.lease_margin()) => {
+                return Ok(if self.ctx.shared.leadership.is_leader() {
+                    debug!(grant = %self.grant.name_any(), "Lease held with too little margin; refresh deferred");
+                    Action::requeue(Duration::from_secs(1))
+                } else {
+                    Action::await_change()
+                });
+            }
+            Ok(client) => {
+                let sent = Instant::now();
+                let result = client.refresh(&chosen.refresh_token, self.grant.spec.scope.as_deref()).await;
+                let outcome = match &result {
+                    Ok(_) => metrics::result::SUCCESS,
+                    Err(e) if e.class() == ErrorClass::Permanent => metrics::result::REJECTED,
+                    Err(_) => metrics::result::RETRYABLE_ERROR,
+                };
+                let ns = self.grant.namespace().unwrap_or_default();
+                self.ctx.shared.metrics.refresh(&ns, &self.grant.name_any(), outcome, sent.elapsed().as_secs_f64());
+                result
+            }
             Err(err) => Err(err),
         };
         let tokens = match result {
@@ -461,6 +562,8 @@ impl Run<'_> {
                 self.write_secret(&self.state_name(), state, data, BTreeMap::new()).await?;
             }
             let message = format!("{err}. {advice}{still_valid}");
+            warn!(grant = %self.grant.name_any(), namespace = ?self.grant.namespace(), reason = why, error = %err, "refresh refused; waiting for a fix");
+            self.ctx.shared.metrics.reconcile_error(why);
             self.event(EventType::Warning, why, message.clone()).await;
             self.set_ready(false, why, message, |_| {}).await?;
             return Ok(Action::requeue(PERMANENT_RECHECK));
@@ -468,6 +571,8 @@ impl Run<'_> {
         let delay = self.ctx.next_backoff(&self.key).max(err.retry_after().unwrap_or_default());
         let message = format!("Refresh failed: {err}; retrying in {}s.{still_valid}", delay.as_secs());
         let why = if valid.is_some() { reason::RETRYING_REFRESH } else { reason::IDENTITY_SERVICE_UNAVAILABLE };
+        self.ctx.shared.metrics.reconcile_error(why);
+        warn!(grant = %self.grant.name_any(), namespace = ?self.grant.namespace(), error = %err, retry_in = ?delay, "refresh failed");
         self.event(EventType::Warning, "RefreshFailed", message.clone()).await;
         self.set_ready(valid.is_some(), why, message, |_| {}).await?;
         Ok(Action::requeue(delay))
@@ -503,6 +608,7 @@ impl Run<'_> {
     }
 
     async fn input_problem(&self, why: &'static str, message: String) -> Result<Action, Error> {
+        self.ctx.shared.metrics.reconcile_error(why);
         let changed =
             status::previous_ready(self.grant.status.as_ref()).is_none_or(|c| c.reason != why || c.message != message);
         if changed {

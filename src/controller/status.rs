@@ -23,6 +23,8 @@ pub mod reason {
     pub const TARGET_CONFLICT: &str = "TargetConflict";
     pub const STATE_CONFLICT: &str = "StateConflict";
     pub const PERSIST_FAILED: &str = "PersistFailed";
+    /// A request to the Kubernetes API failed (metrics only).
+    pub const KUBERNETES_API: &str = "KubernetesAPIError";
 }
 
 /// The Ready condition, keeping `lastTransitionTime` when the status did not change.

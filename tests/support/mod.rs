@@ -19,6 +19,9 @@ use wgtwo_testenv::process::ChildGuard;
 use wgtwo_testenv::{ControlPlane, Hydra, HydraOptions, OAuthClient, Subscriber};
 
 pub const NS: &str = "team-a";
+/// Where the shipped manifests install the operator (its ServiceAccount and Lease).
+pub const OPERATOR_NS: &str = "wgtwo-system";
+pub const OPERATOR_SA: &str = "wgtwo-operator";
 pub const REDIRECT: &str = "http://127.0.0.1:8085/callback";
 
 pub struct Env {
@@ -29,11 +32,43 @@ pub struct Env {
     pub kube: kube::Client,
     pub ca_file: PathBuf,
     pub dir: tempfile::TempDir,
+    /// Credentials of the operator's ServiceAccount, bound to exactly the shipped RBAC.
+    pub operator_kubeconfig: PathBuf,
     operator_starts: usize,
+}
+
+/// Which RBAC of the chart the operator runs with.
+pub enum Rbac {
+    /// deploy/manifests/wgtwo-operator.yaml as shipped: a ClusterRole.
+    Shipped,
+    /// The chart rendered with watchNamespace=NS: a Role in NS only.
+    WatchNamespace,
+}
+
+/// Renders the chart with extra `--set` values (helm built by tools/testenv/build.sh).
+pub fn helm_template(set: &[&str]) -> String {
+    let root = wgtwo_testenv::repo_root();
+    let mut cmd = std::process::Command::new(wgtwo_testenv::binaries::path("helm"));
+    cmd.args(["template", "wgtwo-operator"]).arg(root.join("deploy/chart/wgtwo-operator")).args([
+        "--namespace",
+        OPERATOR_NS,
+        "--kube-version",
+        "v1.37.2",
+    ]);
+    for s in set {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
 }
 
 impl Env {
     pub async fn start(options: HydraOptions) -> Env {
+        Self::start_with(options, Rbac::Shipped).await
+    }
+
+    pub async fn start_with(options: HydraOptions, rbac: Rbac) -> Env {
         let (cp, hydra) = tokio::join!(ControlPlane::start(), Hydra::start(options));
         let (cp, hydra) = (cp.unwrap(), hydra.unwrap());
         let client = hydra.create_client(&[REDIRECT]).await.unwrap();
@@ -47,7 +82,18 @@ impl Env {
         config.redirect_uri = Some(REDIRECT.into());
         config.ca_bundle_pem = Some(hydra.ca_pem().as_bytes().to_vec());
         let wgtwo = WgtwoClient::discover(config).await.unwrap();
-        let env = Env { cp, hydra, client, wgtwo, kube, ca_file, dir, operator_starts: 0 };
+        let manifests = match rbac {
+            Rbac::Shipped => wgtwo_testenv::repo_root().join("deploy/manifests/wgtwo-operator.yaml"),
+            Rbac::WatchNamespace => {
+                cp.create_namespace(OPERATOR_NS).await.unwrap();
+                let path = dir.path().join("scoped.yaml");
+                std::fs::write(&path, helm_template(&[&format!("watchNamespace={NS}")])).unwrap();
+                path
+            }
+        };
+        cp.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", manifests.to_str().unwrap()]).unwrap();
+        let (_, operator_kubeconfig) = cp.service_account_client(OPERATOR_NS, OPERATOR_SA).await.unwrap();
+        let env = Env { cp, hydra, client, wgtwo, kube, ca_file, dir, operator_kubeconfig, operator_starts: 0 };
         env.put_secret(
             "wgtwo-client",
             &[("client_id", &env.client.client_id), ("client_secret", &env.client.client_secret)],
@@ -107,9 +153,16 @@ impl Env {
         self.grants().create(&PostParams::default(), &WgtwoGrant::new(name, spec)).await.unwrap();
     }
 
-    /// Starts the operator binary (admin credentials), logging to a file in the env's dir.
+    /// Starts the operator binary as its ServiceAccount (the shipped RBAC), logging to a file in
+    /// the env's dir, with leader election on a Lease in the operator's namespace.
     pub fn start_operator(&mut self) -> ChildGuard {
+        self.start_operator_with(&[]).0
+    }
+
+    /// Starts the operator with extra `run` flags; returns it and its metrics port.
+    pub fn start_operator_with(&mut self, extra: &[&str]) -> (ChildGuard, u16) {
         self.operator_starts += 1;
+        let port = wgtwo_testenv::free_port();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wgtwo-operator"));
         cmd.args([
             "run",
@@ -122,12 +175,17 @@ impl Env {
             "--request-timeout",
             "3s",
         ])
+        .args(["--metrics-bind-address", &format!("127.0.0.1:{port}")])
+        // Short enough for failover tests; must exceed 3s + 5s + the renew period.
+        .args(["--leader-election-namespace", OPERATOR_NS, "--lease-duration", "12s", "--lease-renew-period", "1s"])
+        .args(extra)
+        .env("POD_NAME", format!("operator-{}", self.operator_starts))
         .arg("--ca-bundle")
         .arg(&self.ca_file)
-        .env("KUBECONFIG", self.cp.admin_kubeconfig())
+        .env("KUBECONFIG", &self.operator_kubeconfig)
         .env("RUST_LOG", "info,wgtwo_operator=debug");
         let log = self.dir.path().join(format!("operator-{}.log", self.operator_starts));
-        ChildGuard::spawn("wgtwo-operator", cmd, &log).unwrap()
+        (ChildGuard::spawn("wgtwo-operator", cmd, &log).unwrap(), port)
     }
 
     pub async fn status(&self, name: &str) -> Option<WgtwoGrantStatus> {
@@ -180,5 +238,64 @@ impl Env {
             .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(grant))
             .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
             .collect()
+    }
+}
+
+/// GETs `path` from an operator's metrics port: (status, body).
+pub async fn get(port: u16, path: &str) -> (u16, String) {
+    let response = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// Waits until the operator serves /metrics, and returns a scrape.
+pub async fn scrape(port: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await
+            && r.status().is_success()
+        {
+            return r.text().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "no /metrics on port {port}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sum of the samples of `name` whose labels include all of `labels`.
+pub fn metric(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum::<f64>()
+        + 0.0 // an empty sum is -0.0
+}
+
+impl Env {
+    /// Waits for a moment when no grant's refresh is due within `ahead` and none happened in the
+    /// last second, so a signal to the leader cannot land in the middle of a refresh.
+    pub async fn wait_quiet(&self, grants: &[String], ahead: Duration) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = jiff::Timestamp::now();
+            let mut quiet = true;
+            for g in grants {
+                let s = self.status(g).await.unwrap_or_default();
+                let next = s.next_refresh_time.map(|t| t.0);
+                let last = s.last_refresh_time.map(|t| t.0);
+                quiet &= next.is_some_and(|n| n.duration_since(now) > jiff::SignedDuration::try_from(ahead).unwrap())
+                    && last.is_some_and(|l| now.duration_since(l) > jiff::SignedDuration::from_secs(1));
+            }
+            if quiet {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no quiet moment to signal the leader within 60s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

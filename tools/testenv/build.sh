@@ -6,6 +6,8 @@
 #   tools/testenv/build.sh            build what is missing, print one "name=/path/to/binary" per line
 #   tools/testenv/build.sh kube       only the Kubernetes side (kube-apiserver, etcd, kubectl)
 #   tools/testenv/build.sh hydra      only Hydra
+#   tools/testenv/build.sh promtool   only promtool (checks /metrics scrapes and alert rules)
+#   tools/testenv/build.sh helm       only helm (lints and renders deploy/chart)
 #
 # Cache root: $WGTWO_TESTENV_CACHE, default ~/.cache/wgtwo-operator/testenv.
 set -euo pipefail
@@ -19,13 +21,14 @@ export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
 # version MODULE DIR: the version of MODULE that the wrapper in DIR requires.
 version() { (cd "$here/$2" && go list -m -f '{{.Version}}' "$1"); }
 
-# key DIR: a short hash of every file of the wrapper module and of this script (its build flags).
-key() { { (cd "$1" && find . -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) -print0 | sort -z | xargs -0 sha256sum); sha256sum < "$here/build.sh"; } | sha256sum | cut -c1-12; }
+# key NAME: a short hash of every file of NAME's wrapper module and of its build function (its
+# flags), so changing one binary's build leaves the others cached.
+key() { { (cd "$here/$1" && find . -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) -print0 | sort -z | xargs -0 sha256sum); declare -f "build_$1"; } | sha256sum | cut -c1-12; }
 
 # ensure NAME VERSION BUILD_FN: run BUILD_FN into a temp dir once, then move it into place atomically.
 ensure() {
   local name=$1 version=$2 fn=$3 dir
-  dir="$cache/$name-$version-$(key "$here/$name")"
+  dir="$cache/$name-$version-$(key "$name")"
   if [[ ! -f "$dir/.complete" ]]; then
     exec 9>"$cache/$name.lock"
     flock 9
@@ -39,6 +42,8 @@ ensure() {
       touch "$tmp/.complete"
       rm -rf "$dir"
       mv "$tmp" "$dir"
+      # Older builds of the same binary are never used again.
+      find "$cache" -maxdepth 1 -name "$name-*" ! -path "$dir" -exec rm -rf {} +
     fi
     exec 9>&-
   fi
@@ -66,10 +71,31 @@ build_hydra() {
     -o "$1/hydra" github.com/ory/hydra/v2
 }
 
+build_promtool() {
+  go build -ldflags='-s -w' -o "$1/promtool" github.com/prometheus/prometheus/cmd/promtool
+}
+
+build_helm() {
+  # As helm's Makefile does: its default Kubernetes version is that of the client-go it links.
+  local minor flags
+  minor=$(version k8s.io/client-go helm | cut -d. -f2)
+  flags="-s -w -X helm.sh/helm/v3/internal/version.version=$(version helm.sh/helm/v3 helm)"
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    flags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
+  done
+  go build -ldflags="$flags" -o "$1/helm" helm.sh/helm/v3/cmd/helm
+}
 
 case "${1:-all}" in
   kube) ensure kube "$(version k8s.io/kubernetes kube)" build_kube ;;
   hydra) ensure hydra "$(version github.com/ory/hydra/v2 hydra)" build_hydra ;;
-  all) ensure kube "$(version k8s.io/kubernetes kube)" build_kube; ensure hydra "$(version github.com/ory/hydra/v2 hydra)" build_hydra ;;
-  *) echo "usage: $0 [all|kube|hydra]" >&2; exit 2 ;;
+  promtool) ensure promtool "$(version github.com/prometheus/prometheus promtool)" build_promtool ;;
+  helm) ensure helm "$(version helm.sh/helm/v3 helm)" build_helm ;;
+  all)
+    ensure kube "$(version k8s.io/kubernetes kube)" build_kube
+    ensure hydra "$(version github.com/ory/hydra/v2 hydra)" build_hydra
+    ensure promtool "$(version github.com/prometheus/prometheus promtool)" build_promtool
+    ensure helm "$(version helm.sh/helm/v3 helm)" build_helm
+    ;;
+  *) echo "usage: $0 [all|kube|hydra|promtool|helm]" >&2; exit 2 ;;
 esac

@@ -91,9 +91,25 @@ async fn main() -> anyhow::Result<()> {
     }
     anyhow::ensure!(authorize.wait()?.success(), "authorize failed");
 
-    step("wgtwo-operator run --namespace demo");
+    step("kubectl apply --server-side -f deploy/manifests/wgtwo-operator.yaml   (CRD, ServiceAccount, RBAC, ...)");
+    let manifests = wgtwo_testenv::repo_root().join("deploy/manifests/wgtwo-operator.yaml");
+    print!(
+        "{}",
+        indent(&cp.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", manifests.to_str().unwrap()])?)
+    );
+    let (_, operator_kubeconfig) = cp.service_account_client("wgtwo-system", "wgtwo-operator").await?;
+
+    let port = wgtwo_testenv::free_port();
+    step(&format!(
+        "wgtwo-operator run --namespace demo --metrics-bind-address 127.0.0.1:{port}   (as ServiceAccount wgtwo-system/wgtwo-operator)"
+    ));
     let mut cmd = Command::new(&args.operator);
-    cmd.args(["run", "--namespace", NS]).arg("--ca-bundle").arg(&ca_file).env("KUBECONFIG", cp.admin_kubeconfig());
+    cmd.args(["run", "--namespace", NS, "--leader-election-namespace", "wgtwo-system"])
+        .args(["--metrics-bind-address", &format!("127.0.0.1:{port}")])
+        .arg("--ca-bundle")
+        .arg(&ca_file)
+        .env("KUBECONFIG", &operator_kubeconfig)
+        .env("RUST_LOG", "info");
     let log = dir.path().join("operator.log");
     let mut operator = ChildGuard::spawn("wgtwo-operator", cmd, &log)?;
     println!("    (operator log: {})", log.display());
@@ -130,6 +146,11 @@ async fn main() -> anyhow::Result<()> {
     print!("{}", indent(&cp.kubectl(&["get", "wgtwogrants", "-n", NS])?));
     step("kubectl get secrets -n demo");
     print!("{}", indent(&cp.kubectl(&["get", "secrets", "-n", NS])?));
+    step(&format!("curl -s 127.0.0.1:{port}/metrics | grep -v '^#'   (histogram buckets left out)"));
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await?.text().await?;
+    for line in metrics.lines().filter(|l| !l.starts_with('#') && !l.contains("_bucket")) {
+        println!("    {line}");
+    }
 
     if args.keep {
         step("keeping everything running; press Ctrl-C to stop and clean up");

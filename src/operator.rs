@@ -1,0 +1,138 @@
+//! `wgtwo-operator run`: the controller plus what production needs around it (leader election,
+//! metrics and probes, graceful shutdown), wired in the order that keeps refresh tokens safe.
+//!
+//! Shutdown on SIGTERM/SIGINT: no token request starts any more; in-flight reconciles finish,
+//! including the persistence of a rotated refresh token; then the Lease is released so a standby
+//! takes over at once; the HTTP server stops last and the process exits 0.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::controller::{self, Options, Shared};
+use crate::leader::{Leadership, LeaseConfig, LeaseElector};
+use crate::server::{self, Probes};
+
+pub struct RunConfig {
+    pub controller: Options,
+    pub metrics_address: SocketAddr,
+    /// `None`: no election (exactly one replica must run).
+    pub election: Option<Election>,
+}
+
+pub struct Election {
+    /// Default: the namespace of the pod (or the kubeconfig's).
+    pub namespace: Option<String>,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+    pub renew_period: Duration,
+}
+
+impl Election {
+    /// The Lease must outlast a renewal round plus the margin a token request needs, or the
+    /// leader could never send one.
+    pub fn validate(&self, options: &Options) -> anyhow::Result<()> {
+        let needed = options.lease_margin() + self.renew_period;
+        if self.lease_duration <= needed {
+            bail!(
+                "--lease-duration ({}s) must be longer than --request-timeout ({}s) + {}s to persist an answer + --lease-renew-period ({}s)",
+                self.lease_duration.as_secs_f64(),
+                options.request_timeout.as_secs_f64(),
+                controller::PERSIST_BUDGET.as_secs(),
+                self.renew_period.as_secs_f64()
+            );
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(client: kube::Client, config: RunConfig) -> anyhow::Result<()> {
+    let leadership = match &config.election {
+        Some(e) => {
+            e.validate(&config.controller)?;
+            Leadership::elected()
+        }
+        None => Leadership::always(),
+    };
+    let shared = Shared { leadership: leadership.clone(), ..Default::default() };
+
+    let shutdown = CancellationToken::new();
+    let serving = CancellationToken::new();
+    let probes =
+        Probes { metrics: shared.metrics.clone(), leadership: leadership.clone(), synced: shared.synced.clone() };
+    let server = server::serve(config.metrics_address, probes, serving.clone())
+        .await
+        .with_context(|| format!("--metrics-bind-address {}", config.metrics_address))?;
+    let server = tokio::spawn(server);
+
+    let elector_stop = CancellationToken::new();
+    let elector = match config.election {
+        Some(e) => {
+            let lease = LeaseConfig {
+                namespace: e.namespace.unwrap_or_else(|| client.default_namespace().to_owned()),
+                name: e.lease_name,
+                identity: identity(),
+                lease_duration: e.lease_duration,
+                renew_period: e.renew_period,
+            };
+            info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "campaigning for the leader Lease");
+            let elector = LeaseElector::new(
+                client.clone(),
+                lease,
+                leadership.clone(),
+                Some(controller::recorder(client.clone())),
+            );
+            Some(tokio::spawn(elector.run(elector_stop.clone())))
+        }
+        None => None,
+    };
+
+    let signals = shutdown.clone();
+    let stop_leading = leadership.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutting down: no new refreshes; finishing those in flight");
+        stop_leading.stop();
+        signals.cancel();
+    });
+
+    let result = controller::run(client, config.controller, shared, shutdown).await;
+    // In-flight work is done: hand the Lease over, then stop serving.
+    elector_stop.cancel();
+    if let Some(elector) = elector {
+        let _ = elector.await;
+    }
+    leadership.stop();
+    serving.cancel();
+    let _ = server.await;
+    result
+}
+
+/// This replica's name in the Lease: the pod name plus a random suffix.
+fn identity() -> String {
+    let host = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "wgtwo-operator".to_owned());
+    let suffix: u32 = rand_suffix();
+    format!("{host}_{suffix:08x}")
+}
+
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded randomly per process: enough to tell incarnations apart.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish() as u32
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

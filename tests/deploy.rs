@@ -1,0 +1,131 @@
+//! What ships in deploy/: the Helm chart lints, the plain manifests are the chart rendered and a
+//! real apiserver accepts them, the Deployment is hardened, and the alert rules pass promtool's
+//! checks and their unit tests.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use wgtwo_testenv::{ControlPlane, binaries, repo_root};
+
+fn run(program: &Path, args: &[&str], dir: &Path) -> String {
+    let out = Command::new(program).args(args).current_dir(dir).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{} {}:\n{text}", program.display(), args.join(" "));
+    text
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+#[test]
+fn alert_rules_pass_promtool_check_and_their_unit_tests() {
+    let promtool = binaries::path("promtool");
+    let deploy = repo_root().join("deploy");
+    let checked = run(&promtool, &["check", "rules", "chart/wgtwo-operator/files/alerts.yaml"], &deploy);
+    assert!(checked.contains("SUCCESS: 4 rules found"), "{checked}");
+    let tested = run(&promtool, &["test", "rules", "alerts_test.yaml"], &deploy);
+    assert!(tested.contains("SUCCESS"), "{tested}");
+}
+
+#[test]
+fn chart_lints_with_defaults_and_with_every_optional_part() {
+    let helm = binaries::path("helm");
+    let chart = repo_root().join("deploy/chart/wgtwo-operator");
+    let chart = chart.to_str().unwrap();
+    run(&helm, &["lint", "--strict", chart], &repo_root());
+    let all = "watchNamespace=team-a,serviceMonitor.enabled=true,prometheusRule.enabled=true,operator.caBundle.configMapName=ca";
+    run(&helm, &["lint", "--strict", chart, "--set", all], &repo_root());
+    // The PrometheusRule carries the promtool-tested rules unchanged.
+    let rendered = support::helm_template(&["prometheusRule.enabled=true"]);
+    let rule = docs(&rendered).into_iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
+    let file: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(repo_root().join("deploy/chart/wgtwo-operator/files/alerts.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rule["spec"], file);
+}
+
+#[test]
+fn a_second_replica_without_leader_election_is_refused_by_the_chart() {
+    let out = Command::new(binaries::path("helm"))
+        .args(["template", "x"])
+        .arg(repo_root().join("deploy/chart/wgtwo-operator"))
+        .args(["--set", "leaderElection.enabled=false"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replicaCount > 1 needs leaderElection.enabled"));
+}
+
+#[test]
+fn plain_manifests_are_the_chart_rendered() {
+    let out = Command::new("bash").arg(repo_root().join("deploy/render.sh")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let committed = std::fs::read_to_string(repo_root().join("deploy/manifests/wgtwo-operator.yaml")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout) == committed,
+        "deploy/manifests/wgtwo-operator.yaml is stale: run deploy/render.sh --write"
+    );
+    // The chart's CRD is the generated one.
+    let crd = std::fs::read_to_string(repo_root().join("crds/wgtwogrants.auth.wgtwo.com.yaml")).unwrap();
+    let chart_crd =
+        std::fs::read_to_string(repo_root().join("deploy/chart/wgtwo-operator/crds/wgtwogrants.auth.wgtwo.com.yaml"))
+            .unwrap();
+    assert!(crd == chart_crd, "the chart's CRD is stale: cp crds/*.yaml deploy/chart/wgtwo-operator/crds/");
+}
+
+#[test]
+fn the_deployment_runs_two_hardened_replicas_with_probes_and_limits() {
+    let manifests = std::fs::read_to_string(repo_root().join("deploy/manifests/wgtwo-operator.yaml")).unwrap();
+    let all = docs(&manifests);
+    let deployment = all.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let spec = &deployment["spec"];
+    assert_eq!(spec["replicas"], 2);
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    for kind in ["requests", "limits"] {
+        for resource in ["cpu", "memory"] {
+            assert!(c["resources"][kind][resource].is_string(), "resources.{kind}.{resource} missing");
+        }
+    }
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(args.contains(&"--leader-elect=true"), "{args:?}");
+    // The grace period covers an in-flight refresh: request timeout + persisting.
+    assert!(pod["terminationGracePeriodSeconds"].as_u64().unwrap() >= 10 + 5);
+    let kinds: Vec<&str> = all.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    for kind in
+        ["Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "Service", "PodDisruptionBudget"]
+    {
+        assert!(kinds.contains(&kind), "no {kind} in {kinds:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_manifests_pass_a_server_side_dry_run_apply() {
+    let cp = ControlPlane::start_bare().await.unwrap();
+    // A dry run creates nothing, so namespaced objects need their namespace to exist.
+    cp.create_namespace("wgtwo-system").await.unwrap();
+    let path = repo_root().join("deploy/manifests/wgtwo-operator.yaml");
+    let out = cp.kubectl(&["apply", "--server-side", "--dry-run=server", "-f", path.to_str().unwrap()]).unwrap();
+    for object in [
+        "customresourcedefinition.apiextensions.k8s.io/wgtwogrants.auth.wgtwo.com",
+        "deployment.apps/wgtwo-operator",
+        "clusterrole.rbac.authorization.k8s.io/wgtwo-operator",
+    ] {
+        assert!(out.contains(&format!("{object} serverside-applied (server dry run)")), "{out}");
+    }
+}

@@ -1,0 +1,158 @@
+//! Two replicas on one Lease, against a real apiserver and a real Hydra without a rotation grace
+//! period: Hydra refuses (invalid_grant) any refresh token presented a second time, so "every token
+//! request Hydra saw succeeded" proves that no refresh token was presented twice.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{Env, OPERATOR_NS, metric, scrape};
+use wgtwo_testenv::HydraOptions;
+use wgtwo_testenv::process::ChildGuard;
+
+/// Must match the test flags in support::Env::start_operator_with.
+const LEASE: Duration = Duration::from_secs(12);
+const RENEW: Duration = Duration::from_secs(1);
+
+struct Replica {
+    name: &'static str,
+    process: ChildGuard,
+    port: u16,
+}
+
+impl Replica {
+    async fn leads(&self) -> bool {
+        metric(&scrape(self.port).await, "wgtwo_operator_leader", &[]) == 1.0
+    }
+
+    async fn refreshes(&self, result: &str) -> f64 {
+        metric(&scrape(self.port).await, "wgtwo_grant_refresh_total", &[("result", result)])
+    }
+
+    /// Token requests sent, whatever their result.
+    async fn requests(&self) -> f64 {
+        metric(&scrape(self.port).await, "wgtwo_grant_refresh_total", &[])
+    }
+
+    async fn wait_leads(&self, within: Duration) -> Duration {
+        let start = Instant::now();
+        while !self.leads().await {
+            assert!(start.elapsed() < within, "{} did not become the leader within {within:?}", self.name);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        start.elapsed()
+    }
+}
+
+async fn lease_holder(env: &Env) -> Option<String> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: kube::Api<Lease> = kube::Api::namespaced(env.kube.clone(), OPERATOR_NS);
+    leases.get_opt("wgtwo-operator").await.unwrap()?.spec?.holder_identity
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_pause_and_kill_failovers_exactly_one_replica_refreshes_and_no_refresh_token_is_presented_twice() {
+    let mut env = Env::start(HydraOptions { access_token_ttl: Duration::from_secs(20), ..Default::default() }).await;
+    let grants: Vec<String> = (0..3).map(|i| format!("grant-{i}")).collect();
+    for g in &grants {
+        let token = env.authorize(g).await;
+        env.create_grant(g, &token, |_| {}).await;
+    }
+    let baseline = env.hydra.token_requests();
+
+    let (process, port) = env.start_operator_with(&[]);
+    let a = Replica { name: "A", process, port };
+    a.wait_leads(Duration::from_secs(10)).await;
+    let (process, port) = env.start_operator_with(&[]);
+    let b = Replica { name: "B", process, port };
+    for g in &grants {
+        env.wait_ready(g, "True", "Refreshed", Duration::from_secs(30)).await;
+    }
+    // Let the leader go through a refresh cycle while B stands by.
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    assert!(a.leads().await && !b.leads().await, "exactly one leader");
+    assert!(a.refreshes("success").await >= 6.0, "A refreshed every grant at least twice");
+    assert_eq!(b.requests().await, 0.0, "the standby sent token requests");
+
+    // 1. Pause the leader (SIGSTOP, as a long GC pause or a frozen node would): B takes over once
+    //    the Lease lapses; when A resumes, it must not send a single token request.
+    env.wait_quiet(&grants, Duration::from_secs(3)).await;
+    let a_before_pause = a.requests().await;
+    a.process.signal(libc::SIGSTOP).unwrap();
+    let paused = Instant::now();
+    let takeover = b.wait_leads(LEASE + RENEW * 3).await;
+    println!("pause: B led {:.1}s after A was paused (lease {LEASE:?})", takeover.as_secs_f64());
+    // B refreshes every grant (tokens live 20s, so within ~20s of taking over).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while b.refreshes("success").await < 3.0 {
+        assert!(Instant::now() < deadline, "B did not refresh after taking over");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    a.process.signal(libc::SIGCONT).unwrap();
+    println!("A resumed after {:.1}s paused", paused.elapsed().as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!a.leads().await, "the resumed ex-leader claims the lead");
+    assert_eq!(a.requests().await, a_before_pause, "the resumed ex-leader sent token requests");
+
+    // 2. Kill the leader (SIGKILL): A takes over once the Lease lapses.
+    env.wait_quiet(&grants, Duration::from_secs(3)).await;
+    let b_scrape = scrape(b.port).await;
+    let holder_before = lease_holder(&env).await;
+    drop(b.process); // SIGKILL
+    let takeover = a.wait_leads(LEASE + RENEW * 3).await;
+    println!("kill: A led {:.1}s after B was killed (lease {LEASE:?})", takeover.as_secs_f64());
+    assert_ne!(lease_holder(&env).await, holder_before);
+    let a_after_kill = a.refreshes("success").await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while a.refreshes("success").await < a_after_kill + 3.0 {
+        assert!(Instant::now() < deadline, "A did not refresh after taking over again");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Every token request Hydra saw was sent by a replica holding the Lease, and Hydra refused
+    // none of them: a refresh token presented twice would have been refused (invalid_grant).
+    let a_scrape = scrape(a.port).await;
+    let total_requests = env.hydra.token_requests() - baseline;
+    let mut counted = 0.0;
+    println!("token requests per grant, A / B (success + retried after Hydra's HTTP 500):");
+    for g in &grants {
+        let per = |s: &str, r: &str| metric(s, "wgtwo_grant_refresh_total", &[("name", g), ("result", r)]);
+        let (a_ok, a_retry) = (per(&a_scrape, "success"), per(&a_scrape, "retryable_error"));
+        let (b_ok, b_retry) = (per(&b_scrape, "success"), per(&b_scrape, "retryable_error"));
+        println!("  {g}: {a_ok} + {a_retry} / {b_ok} + {b_retry}");
+        counted += a_ok + a_retry + b_ok + b_retry;
+    }
+    let refused = metric(&a_scrape, "wgtwo_grant_refresh_total", &[("result", "rejected")])
+        + metric(&b_scrape, "wgtwo_grant_refresh_total", &[("result", "rejected")]);
+    println!("Hydra saw {total_requests} token requests; the replicas sent {counted}, {refused} refused");
+    assert_eq!(refused, 0.0, "a refresh token was refused");
+    assert_eq!(total_requests as f64, counted, "token requests no replica accounts for");
+    for g in &grants {
+        env.wait_ready(g, "True", "Refreshed", Duration::from_secs(5)).await;
+        let live = env.live_refresh_token(g).await.unwrap();
+        assert!(env.active(&live).await, "{g}: the persisted refresh token is no longer active");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_the_lease_so_the_standby_takes_over_at_once_and_exits_zero() {
+    let mut env = Env::start(HydraOptions::default()).await;
+    let token = env.authorize("alice").await;
+    env.create_grant("alice", &token, |_| {}).await;
+    let (process, port) = env.start_operator_with(&[]);
+    let mut a = Replica { name: "A", process, port };
+    a.wait_leads(Duration::from_secs(10)).await;
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+    let (process, port) = env.start_operator_with(&[]);
+    let b = Replica { name: "B", process, port };
+    scrape(b.port).await;
+
+    let start = Instant::now();
+    let status = a.process.terminate(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "SIGTERM exit: {status}");
+    let exited = start.elapsed();
+    let takeover = b.wait_leads(RENEW * 4).await;
+    println!("A exited {:.2}s after SIGTERM; B led {:.2}s later", exited.as_secs_f64(), takeover.as_secs_f64());
+    let log = std::fs::read_to_string(a.process.log_path()).unwrap();
+    assert!(log.contains("released the Lease"), "{log}");
+}
