@@ -12,7 +12,7 @@ RUN mkdir -p src tools/testenv/src/bin \
     && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && echo 'fn main() {}' > tools/testenv/src/bin/wgtwo-demo.rs && touch tools/testenv/src/lib.rs \
     && cargo build --release --locked --bin wgtwo-operator \
-    && rm -rf src tools/testenv/src
+    && rm -rf src
 COPY src src
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked --bin wgtwo-operator \

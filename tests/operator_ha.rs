@@ -7,8 +7,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::{Env, OPERATOR_NS, metric, scrape};
-use wgtwo_testenv::HydraOptions;
 use wgtwo_testenv::process::ChildGuard;
+use wgtwo_testenv::{Fault, FaultServer, HydraOptions};
 
 /// Must match the test flags in support::Env::start_operator_with.
 const LEASE: Duration = Duration::from_secs(12);
@@ -155,4 +155,28 @@ async fn sigterm_releases_the_lease_so_the_standby_takes_over_at_once_and_exits_
     println!("A exited {:.2}s after SIGTERM; B led {:.2}s later", exited.as_secs_f64(), takeover.as_secs_f64());
     let log = std::fs::read_to_string(a.process.log_path()).unwrap();
     assert!(log.contains("released the Lease"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_refresh_waits_for_the_answer_persists_the_rotated_token_and_exits_zero() {
+    let mut env = Env::start(HydraOptions::default()).await;
+    // A stub identity service that takes 2 s to answer (Hydra cannot be slowed on demand).
+    let stub = FaultServer::start().await.unwrap();
+    stub.push(Fault::Delay(Duration::from_secs(2)));
+    env.create_grant("slow", "user-refresh-token", |s| s.issuer_url = stub.base_url().to_owned()).await;
+    let (mut operator, _) = env.start_operator_with(&[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stub.token_requests() == 0 {
+        assert!(Instant::now() < deadline, "no token request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let start = Instant::now();
+    let status = operator.terminate(Duration::from_secs(10)).unwrap();
+    println!("SIGTERM with a refresh in flight: exited {status} after {:.2}s", start.elapsed().as_secs_f64());
+    assert!(status.success(), "{status}");
+    assert!(start.elapsed() > Duration::from_secs(1), "exited without waiting for the answer");
+    assert_eq!(env.live_refresh_token("slow").await.as_deref(), Some("stub-refresh-0"), "rotated token not persisted");
+    assert_eq!(env.secret_value("slow-token", "access_token").await.as_deref(), Some("stub-access-0"));
+    assert_eq!(stub.token_requests(), 1);
 }
