@@ -71,6 +71,11 @@ async fn grant_becomes_ready_and_is_refreshed_ahead_of_every_expiry_killing_each
     // One token request per refresh (plus the test's own code exchange), nothing more.
     let requests = env.hydra.token_requests();
     assert!(requests <= 1 + 1 + refreshes + 1, "{requests} token requests for {refreshes} refreshes");
+    // Reconciles triggered by the operator's own Secret writes see a cached grant older than its
+    // last status write; they must not drop what only a refresh knows.
+    let status = env.status("alice").await.unwrap();
+    assert_eq!(status.subject.as_deref(), Some("alice"));
+    assert!(status.scope.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -437,7 +437,6 @@ impl Run<'_> {
         target_secret: Option<Secret>,
         published: Option<schedule::TokenTimes>,
     ) -> Result<Action, Error> {
-        info!(grant = %self.grant.name_any(), namespace = ?self.grant.namespace(), reason = why.as_str(), "refreshing");
         let issuer = &self.grant.spec.issuer_url;
         let result = match self.ctx.oauth_client(issuer, inputs).await {
             // Checked right before sending: a replica whose Lease may lapse before the answer is
@@ -451,6 +450,7 @@ impl Run<'_> {
                 });
             }
             Ok(client) => {
+                info!(grant = %self.grant.name_any(), namespace = ?self.grant.namespace(), reason = why.as_str(), "refreshing");
                 let sent = Instant::now();
                 let result = client.refresh(&chosen.refresh_token, self.grant.spec.scope.as_deref()).await;
                 let outcome = match &result {
@@ -525,12 +525,12 @@ impl Run<'_> {
             s.expires_at = Some(Time(expires_at));
             s.last_refresh_time = Some(Time(pending.refreshed_at));
             s.next_refresh_time = Some(Time(next));
-            s.scope = scope;
+            s.scope.clone_from(&scope);
             if subject.is_some() {
-                s.subject = subject;
+                s.subject.clone_from(&subject);
             }
             if handled.is_some() {
-                s.refresh_request_handled = handled;
+                s.refresh_request_handled.clone_from(&handled);
             }
         })
         .await?;
@@ -624,21 +624,28 @@ impl Run<'_> {
         ready: bool,
         why: &str,
         message: String,
-        edit: impl FnOnce(&mut WgtwoGrantStatus),
+        edit: impl Fn(&mut WgtwoGrantStatus),
     ) -> Result<(), Error> {
-        let current = self.grant.status.as_ref();
-        let condition = status::ready_condition(
-            status::previous_ready(current),
-            ready,
-            why,
-            message,
-            self.grant.metadata.generation,
-            Timestamp::now(),
-        );
-        let mut next = status::with_ready(current, condition);
-        next.observed_generation = self.grant.metadata.generation;
-        edit(&mut next);
-        if Some(&next) == current {
+        let now = Timestamp::now();
+        let next_from = |current: Option<&WgtwoGrantStatus>| {
+            let previous = status::previous_ready(current);
+            let condition =
+                status::ready_condition(previous, ready, why, message.clone(), self.grant.metadata.generation, now);
+            let mut next = status::with_ready(current, condition);
+            next.observed_generation = self.grant.metadata.generation;
+            edit(&mut next);
+            next
+        };
+        let cached = self.grant.status.as_ref();
+        if Some(&next_from(cached)) == cached {
+            return Ok(());
+        }
+        // The cached grant may predate our own last status write (its watch event not seen yet):
+        // build on the status as stored, or the apply would drop fields only a refresh knows
+        // (subject, scope) or restore stale ones.
+        let stored = self.grants.get_status(&self.grant.name_any()).await?.status;
+        let next = next_from(stored.as_ref());
+        if Some(&next) == stored.as_ref() {
             return Ok(());
         }
         let patch = serde_json::json!({
