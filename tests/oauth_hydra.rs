@@ -275,3 +275,33 @@ async fn hydra_revokes_the_previous_access_token_when_a_refresh_succeeds() {
     assert_eq!(hydra.introspect(tokens.access_token.secret()).await.unwrap()["active"], false);
     assert_eq!(hydra.introspect(refreshed.access_token.secret()).await.unwrap()["active"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_refreshes_with_one_token_are_answered_with_success_invalid_grant_or_a_retry_request() {
+    // What a process killed mid-refresh and its immediate successor do to Hydra: present the same
+    // refresh token at the same time.
+    let (hydra, client) = hydra(Duration::from_secs(15)).await;
+    let wgtwo = WgtwoClient::discover(config(&hydra, &client)).await.unwrap();
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..5 {
+        let token = authorized(&hydra, &wgtwo, AuthorizationRequest::new("phone offline_access")).await;
+        let token = token.refresh_token.unwrap();
+        let results = futures::future::join_all((0..4).map(|_| wgtwo.refresh(&token, None))).await;
+        // (Hydra's SQLite store lets several succeed; a serializable store would let one.)
+        for result in results {
+            let outcome = match result {
+                Ok(_) => "success".to_owned(),
+                Err(e) => format!("{} {:?}: {e}", e.oauth_error().unwrap_or("-"), e.class()),
+            };
+            *outcomes.entry(outcome).or_default() += 1;
+        }
+    }
+    println!("{outcomes:#?}");
+    for outcome in outcomes.keys() {
+        let known = outcome == "success"
+            || outcome.starts_with("invalid_grant Permanent")
+            || (outcome.starts_with("invalid_request Transient") && outcome.contains("retry the request"))
+            || outcome.contains("Transient: refresh: the identity service answered HTTP 5");
+        assert!(known, "unexpected answer to a concurrent refresh: {outcome}");
+    }
+}

@@ -52,7 +52,7 @@ fn retry_hint(retry_after: &Option<Duration>) -> String {
 impl OAuthError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            OAuthError::Rejected { error, .. } => classify_oauth_error(error),
+            OAuthError::Rejected { error, description, .. } => classify_rejection(error, description.as_deref()),
             OAuthError::Status { status, .. } => classify_status(*status),
             OAuthError::Transport { .. } | OAuthError::Malformed { .. } => ErrorClass::Transient,
             OAuthError::IdToken { .. } | OAuthError::Invalid(_) => ErrorClass::Permanent,
@@ -89,6 +89,18 @@ impl OAuthError {
             _ => false,
         }
     }
+}
+
+/// Classifies a 4xx OAuth error answer. Hydra (fosite) answers `invalid_request` with "... Please
+/// retry the request." when concurrent requests raced on the same refresh token (for example one
+/// from a process killed mid-request): the token may still be valid, so this one is retried. A
+/// retry after the other request won is a reuse and ends as `invalid_grant`, which is permanent.
+pub fn classify_rejection(error: &str, description: Option<&str>) -> ErrorClass {
+    let asks_for_retry = description.is_some_and(|d| d.to_ascii_lowercase().contains("retry the request"));
+    if error == "invalid_request" && asks_for_retry {
+        return ErrorClass::Transient;
+    }
+    classify_oauth_error(error)
 }
 
 /// Classifies the OAuth error code of a 4xx answer (RFC 6749 section 5.2, RFC 6750, OpenID Connect).
@@ -147,6 +159,22 @@ mod tests {
         for code in ["temporarily_unavailable", "server_error", "slow_down"] {
             assert_eq!(classify_oauth_error(code), ErrorClass::Transient, "{code}");
         }
+    }
+
+    #[test]
+    fn hydra_asking_to_retry_after_a_concurrent_refresh_is_transient() {
+        // fosite v0.49.0, handler/oauth2/flow_refresh.go: ErrInvalidRequest with these hints.
+        let request = "The request is missing a required parameter, includes an invalid parameter value, includes a parameter more than once, or is otherwise malformed.";
+        for hint in [
+            "Failed to refresh token because of multiple concurrent requests using the same token. Please retry the request.",
+            "Failed to refresh token. Please retry the request.",
+        ] {
+            let description = format!("{request} {hint}");
+            assert_eq!(classify_rejection("invalid_request", Some(&description)), ErrorClass::Transient);
+        }
+        assert_eq!(classify_rejection("invalid_request", Some(request)), ErrorClass::Permanent);
+        assert_eq!(classify_rejection("invalid_request", None), ErrorClass::Permanent);
+        assert_eq!(classify_rejection("invalid_grant", Some("Please retry the request.")), ErrorClass::Permanent);
     }
 
     #[test]

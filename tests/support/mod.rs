@@ -206,7 +206,10 @@ impl Env {
             if now.as_ref().is_some_and(|(s, r)| s == status && r == reason) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{name}: Ready is {now:?}, wanted {status}/{reason} within {timeout:?}");
+            if Instant::now() >= deadline {
+                let message = self.status(name).await.and_then(|s| s.conditions.into_iter().next()).map(|c| c.message);
+                panic!("{name}: Ready is {now:?}, wanted {status}/{reason} within {timeout:?}; message: {message:?}");
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
