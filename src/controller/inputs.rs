@@ -74,19 +74,9 @@ fn value(secret: &Secret, name: &str, key: &str, field: &str) -> Result<String, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::ByteString;
-    use std::collections::BTreeMap;
 
     fn secret(pairs: &[(&str, &str)]) -> Secret {
-        Secret {
-            data: Some(
-                pairs
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
-                    .collect::<BTreeMap<_, _>>(),
-            ),
-            ..Default::default()
-        }
+        wgtwo_testenv::string_secret("s", pairs)
     }
 
     #[test]

@@ -3,13 +3,11 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use wgtwo_operator::api::{
     ClientSecretRef, RefreshTokenSecretRef, TargetSecret, WgtwoGrant, WgtwoGrantSpec, WgtwoGrantStatus,
 };
@@ -112,16 +110,7 @@ impl Env {
 
     /// Creates or replaces a Secret with string data.
     pub async fn put_secret(&self, name: &str, pairs: &[(&str, &str)]) {
-        let secret = Secret {
-            metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
-            data: Some(
-                pairs
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
-                    .collect::<BTreeMap<_, _>>(),
-            ),
-            ..Default::default()
-        };
+        let secret = wgtwo_testenv::string_secret(name, pairs);
         self.secrets().patch(name, &PatchParams::apply("e2e-test").force(), &Patch::Apply(&secret)).await.unwrap();
     }
 

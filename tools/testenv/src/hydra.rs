@@ -55,15 +55,7 @@ pub struct OAuthClient {
 impl OAuthClient {
     /// The Secret a WgtwoGrant's `clientSecretRef` names: keys `client_id` and `client_secret`.
     pub fn kube_secret(&self, name: &str) -> k8s_openapi::api::core::v1::Secret {
-        use k8s_openapi::ByteString;
-        k8s_openapi::api::core::v1::Secret {
-            metadata: kube::api::ObjectMeta { name: Some(name.to_owned()), ..Default::default() },
-            data: Some(std::collections::BTreeMap::from([
-                ("client_id".to_owned(), ByteString(self.client_id.clone().into_bytes())),
-                ("client_secret".to_owned(), ByteString(self.client_secret.clone().into_bytes())),
-            ])),
-            ..Default::default()
-        }
+        crate::string_secret(name, &[("client_id", &self.client_id), ("client_secret", &self.client_secret)])
     }
 }
 
