@@ -15,6 +15,9 @@ pub const DEFAULT_ISSUER_URL: &str = "https://id.wgtwo.com";
 pub const ANNOTATION_REFRESH_REQUESTED: &str = "auth.wgtwo.com/refresh-requested-at";
 /// The key of the refresh token in `refreshTokenSecretRef` when none is given.
 pub const DEFAULT_REFRESH_TOKEN_KEY: &str = "refresh_token";
+/// The keys of the OAuth client in the Secret `clientSecretRef` names.
+pub const CLIENT_ID_KEY: &str = "client_id";
+pub const CLIENT_SECRET_KEY: &str = "client_secret";
 
 /// A DNS-1123 subdomain: what Kubernetes accepts as a Secret name.
 const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
@@ -139,6 +142,14 @@ pub struct WgtwoGrantStatus {
     /// The subject (user id) the authorization belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    /// Token requests that failed in a row since the last success (reset by a success). With
+    /// `lastFailureTime` it keeps the backoff across operator restarts and leader changes; while
+    /// retrying, `nextRefreshTime` is the next attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_attempts: Option<u32>,
+    /// When the last token request failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
     /// The value of the `auth.wgtwo.com/refresh-requested-at` annotation that was last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_request_handled: Option<String>,

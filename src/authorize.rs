@@ -15,16 +15,15 @@ use tokio::sync::mpsc;
 use url::Url;
 
 use crate::api::{
-    ClientSecretRef, DEFAULT_REFRESH_TOKEN_KEY, RefreshTokenSecretRef, TargetSecret, WgtwoGrant, WgtwoGrantSpec,
+    CLIENT_ID_KEY, CLIENT_SECRET_KEY, ClientSecretRef, DEFAULT_REFRESH_TOKEN_KEY, RefreshTokenSecretRef, TargetSecret,
+    WgtwoGrant, WgtwoGrantSpec,
 };
+use crate::kubeapi::{ValueProblem, kube_message, secret_text};
 use crate::oauth::secrets::{AuthorizationCode, ClientSecret};
 use crate::oauth::{AuthorizationRequest, CallbackOutcome, ClientConfig, Prompt, WgtwoClient, parse_callback};
 
 /// Field manager of everything `authorize` writes.
 pub const FIELD_MANAGER: &str = "wgtwo-operator-authorize";
-/// Keys of the OAuth client Secret.
-pub const CLIENT_ID_KEY: &str = "client_id";
-pub const CLIENT_SECRET_KEY: &str = "client_secret";
 
 #[derive(Clone, Debug)]
 pub struct AuthorizeOptions {
@@ -177,16 +176,12 @@ async fn read_client(secrets: &Api<Secret>, namespace: &str, name: &str) -> anyh
     let secret = secrets.get_opt(name).await?.with_context(|| {
         format!("Secret {namespace}/{name} not found: create it with the keys {CLIENT_ID_KEY} and {CLIENT_SECRET_KEY}")
     })?;
-    let data = secret.data.unwrap_or_default();
     let value = |key: &str| -> anyhow::Result<String> {
-        let bytes = data.get(key).with_context(|| format!("Secret {namespace}/{name} has no key {key}"))?;
-        let text = String::from_utf8(bytes.0.clone())
-            .map_err(|_| anyhow!("Secret {namespace}/{name} key {key} is not UTF-8"))?;
-        let text = text.trim().to_owned();
-        if text.is_empty() {
-            bail!("Secret {namespace}/{name} key {key} is empty");
-        }
-        Ok(text)
+        secret_text(&secret, key).map_err(|problem| match problem {
+            ValueProblem::Missing => anyhow!("Secret {namespace}/{name} has no key {key}"),
+            ValueProblem::NotUtf8 => anyhow!("Secret {namespace}/{name} key {key} is not UTF-8"),
+            ValueProblem::Empty => anyhow!("Secret {namespace}/{name} key {key} is empty"),
+        })
     };
     Ok((value(CLIENT_ID_KEY)?, ClientSecret::new(value(CLIENT_SECRET_KEY)?)))
 }
@@ -255,15 +250,8 @@ async fn write_refresh_token(secrets: &Api<Secret>, name: &str, grant: &str, tok
     secrets
         .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
         .await
-        .map_err(|e| anyhow!("write Secret {name}: {}", kube_message(e)))?;
+        .map_err(|e| anyhow!("write Secret {name}: {}", kube_message(&e)))?;
     Ok(())
-}
-
-fn kube_message(err: kube::Error) -> String {
-    match err {
-        kube::Error::Api(status) => status.message,
-        other => other.to_string(),
-    }
 }
 
 /// Serves the redirect URI on loopback until the first request to its path arrives.

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod authorize;
 pub mod controller;
+pub mod kubeapi;
 pub mod leader;
 pub mod metrics;
 pub mod oauth;

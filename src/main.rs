@@ -4,12 +4,14 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use url::Url;
 use wgtwo_operator::authorize::{AuthorizeOptions, authorize};
+use wgtwo_operator::controller::issuers::AllowedIssuer;
 use wgtwo_operator::oauth::Prompt;
 use wgtwo_operator::operator::{Election, RunConfig};
 
 /// Keeps wgtwo OAuth 2.0 access tokens alive in Kubernetes Secrets.
 #[derive(Parser)]
-#[command(name = "wgtwo-operator", version, about)]
+// The last of a repeated flag wins, so `operator.extraArgs` in the chart can override a default.
+#[command(name = "wgtwo-operator", version, about, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,6 +44,14 @@ struct RunArgs {
     min_backoff: Duration,
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     max_backoff: Duration,
+    /// An identity service the operator may send credentials to (repeat for several). A grant whose
+    /// issuerUrl is not listed is refused (IssuerNotAllowed) before any of its Secrets is read, so a
+    /// grant cannot make the operator send a Secret to a server of the grant author's choosing.
+    #[arg(long = "allowed-issuer", default_value = wgtwo_operator::api::DEFAULT_ISSUER_URL, value_parser = parse_issuer)]
+    allowed_issuers: Vec<AllowedIssuer>,
+    /// Timeout of each Kubernetes API request other than watches.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    kube_api_timeout: Duration,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_bind_address: std::net::SocketAddr,
@@ -108,6 +118,10 @@ struct AuthorizeArgs {
     ca_bundle: Option<PathBuf>,
 }
 
+fn parse_issuer(s: &str) -> Result<AllowedIssuer, String> {
+    AllowedIssuer::parse(s)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d: jiff::SignedDuration = s.parse().map_err(|_| format!("{s:?} is not a duration such as 90s, 5m or 1h30m"))?;
     Duration::try_from(d).map_err(|_| format!("{s:?} must not be negative"))
@@ -143,6 +157,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 request_timeout: a.request_timeout,
                 min_backoff: a.min_backoff,
                 max_backoff: a.max_backoff,
+                allowed_issuers: a.allowed_issuers,
             };
             let election = a.leader_elect.then_some(Election {
                 namespace: a.leader_election_namespace,
@@ -153,8 +168,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(e) = &election {
                 e.validate(&controller)?;
             }
-            let config = RunConfig { controller, metrics_address: a.metrics_bind_address, election };
-            wgtwo_operator::operator::run(kube::Client::try_default().await?, config).await?;
+            let config = RunConfig {
+                controller,
+                kube_api_timeout: a.kube_api_timeout,
+                metrics_address: a.metrics_bind_address,
+                election,
+            };
+            wgtwo_operator::operator::run(kube::Config::infer().await?, config).await?;
         }
         Command::Authorize(a) => {
             let a = *a;
@@ -178,4 +198,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["wgtwo-operator", "run"].iter().chain(args)).unwrap();
+        match cli.command {
+            Command::Run(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn allowed_issuers_default_to_wgtwo_and_repeat_while_a_repeated_plain_flag_takes_the_last_value() {
+        let a = run_args(&[]);
+        let issuers: Vec<&str> = a.allowed_issuers.iter().map(AllowedIssuer::as_str).collect();
+        assert_eq!(issuers, ["https://id.wgtwo.com"]);
+        let a = run_args(&[
+            "--allowed-issuer",
+            "https://id.wgtwo.com",
+            "--allowed-issuer",
+            "http://127.0.0.1:4444",
+            "--request-timeout",
+            "3s",
+            "--request-timeout",
+            "8s",
+        ]);
+        let issuers: Vec<&str> = a.allowed_issuers.iter().map(AllowedIssuer::as_str).collect();
+        assert_eq!(issuers, ["https://id.wgtwo.com", "http://127.0.0.1:4444"]);
+        assert_eq!(a.request_timeout, Duration::from_secs(8));
+    }
 }

@@ -28,6 +28,9 @@ pub struct Metrics {
     ready: IntGaugeVec,
     reconcile_errors: IntCounterVec,
     leader: IntGauge,
+    unpersisted: IntGauge,
+    grants_in_memory: IntGauge,
+    clients_cached: IntGauge,
 }
 
 impl Default for Metrics {
@@ -76,6 +79,19 @@ impl Metrics {
         .unwrap();
         let leader =
             IntGauge::new("wgtwo_operator_leader", "1 when this replica holds the leader Lease, else 0.").unwrap();
+        let unpersisted = IntGauge::new(
+            "wgtwo_operator_unpersisted_refresh_tokens",
+            "Rotated refresh tokens held only in this process's memory because the state Secret write has not succeeded yet: each is a grant lost if the process dies now.",
+        )
+        .unwrap();
+        let grants_in_memory =
+            IntGauge::new("wgtwo_operator_grants_in_memory", "Grants the controller keeps per-grant memory for.")
+                .unwrap();
+        let clients_cached = IntGauge::new(
+            "wgtwo_operator_oauth_clients_cached",
+            "Discovered OAuth clients cached (one per issuer, client id and client secret in use).",
+        )
+        .unwrap();
         for c in [
             Box::new(refresh_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(refresh_duration.clone()),
@@ -83,10 +99,24 @@ impl Metrics {
             Box::new(ready.clone()),
             Box::new(reconcile_errors.clone()),
             Box::new(leader.clone()),
+            Box::new(unpersisted.clone()),
+            Box::new(grants_in_memory.clone()),
+            Box::new(clients_cached.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        Self { registry, refresh_total, refresh_duration, expiration, ready, reconcile_errors, leader }
+        Self {
+            registry,
+            refresh_total,
+            refresh_duration,
+            expiration,
+            ready,
+            reconcile_errors,
+            leader,
+            unpersisted,
+            grants_in_memory,
+            clients_cached,
+        }
     }
 
     /// One token request and how it ended.
@@ -101,6 +131,13 @@ impl Metrics {
 
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(leader as i64);
+    }
+
+    /// Sizes of the controller's memory (see `controller::memory`).
+    pub fn set_memory(&self, grants: usize, clients: usize, unpersisted: usize) {
+        self.grants_in_memory.set(grants as i64);
+        self.clients_cached.set(clients as i64);
+        self.unpersisted.set(unpersisted as i64);
     }
 
     /// Updates the grant's gauges from its status.

@@ -18,6 +18,8 @@ use crate::server::{self, Probes};
 
 pub struct RunConfig {
     pub controller: Options,
+    /// Bound on every Kubernetes API request other than watches (reads and writes alike).
+    pub kube_api_timeout: Duration,
     pub metrics_address: SocketAddr,
     /// `None`: no election (exactly one replica must run).
     pub election: Option<Election>,
@@ -49,7 +51,23 @@ impl Election {
     }
 }
 
-pub async fn run(client: kube::Client, config: RunConfig) -> anyhow::Result<()> {
+/// Two clients from one kubeconfig: one for the long-lived watches (kube's watcher has its own idle
+/// timeout), and one whose every request is bounded, so a hung apiserver connection can never hold
+/// a rotated refresh token, a Lease renewal or a status write indefinitely.
+pub fn clients(config: &kube::Config, api_timeout: Duration) -> anyhow::Result<(kube::Client, kube::Client)> {
+    let watch = kube::Client::try_from(config.clone())?;
+    let mut bounded = config.clone();
+    bounded.connect_timeout = Some(api_timeout);
+    bounded.read_timeout = Some(api_timeout);
+    bounded.write_timeout = Some(api_timeout);
+    // Count the read timeout from when a request was sent, not from when its pooled connection
+    // went idle.
+    bounded.reset_reader_on_write = true;
+    Ok((watch, kube::Client::try_from(bounded)?))
+}
+
+pub async fn run(kube_config: kube::Config, config: RunConfig) -> anyhow::Result<()> {
+    let (watch_client, client) = clients(&kube_config, config.kube_api_timeout)?;
     let leadership = match &config.election {
         Some(e) => {
             e.validate(&config.controller)?;
@@ -99,7 +117,7 @@ pub async fn run(client: kube::Client, config: RunConfig) -> anyhow::Result<()> 
         signals.cancel();
     });
 
-    let result = controller::run(client, config.controller, shared, shutdown).await;
+    let result = controller::run(watch_client, client, config.controller, shared, shutdown).await;
     // In-flight work is done: hand the Lease over, then stop serving.
     elector_stop.cancel();
     if let Some(elector) = elector {
@@ -113,9 +131,7 @@ pub async fn run(client: kube::Client, config: RunConfig) -> anyhow::Result<()> 
 
 /// This replica's name in the Lease: the pod name plus a random suffix.
 fn identity() -> String {
-    let host = std::env::var("POD_NAME")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "wgtwo-operator".to_owned());
+    let host = crate::kubeapi::pod_name().unwrap_or_else(|| "wgtwo-operator".to_owned());
     let suffix: u32 = rand_suffix();
     format!("{host}_{suffix:08x}")
 }

@@ -208,8 +208,10 @@ async fn identity_service_outage_backs_off_visibly_and_recovers_without_restart(
     // While the published token is valid: still Ready, retrying; after it expires: not Ready.
     env.wait_ready("alice", "True", "RetryingRefresh", Duration::from_secs(15)).await;
     env.wait_ready("alice", "False", "IdentityServiceUnavailable", Duration::from_secs(20)).await;
-    let message = env.status("alice").await.unwrap().conditions[0].message.clone();
-    assert!(message.contains("retrying in"), "{message}");
+    let status = env.status("alice").await.unwrap();
+    let message = status.conditions[0].message.clone();
+    assert!(message.contains("Retrying with backoff"), "{message}");
+    assert!(status.failed_attempts.is_some_and(|n| n >= 1) && status.last_failure_time.is_some(), "{status:?}");
     tokio::time::sleep(Duration::from_secs(6)).await;
     let failures: Vec<String> =
         env.events("alice").await.into_iter().filter(|(r, _)| r == "RefreshFailed").map(|(_, n)| n).collect();
@@ -299,4 +301,81 @@ async fn a_rotated_refresh_token_that_cannot_be_persisted_is_kept_in_memory_unti
     assert_ne!(env.secret_value("alice-token", "access_token").await, published);
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(10)).await;
     assert_eq!(env.hydra.token_requests(), requests + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_unauthorized_client_invalid_scope_other_rejections_and_state_conflicts_each_have_their_reason() {
+    use wgtwo_testenv::{Fault, FaultServer};
+    let mut env = Env::start(ttl(3600)).await;
+    let rejected = |error: &str| Fault::Status {
+        status: 400,
+        retry_after: None,
+        body: format!(r#"{{"error":"{error}","error_description":"refused by the test"}}"#),
+    };
+
+    // An issuer URL that is not an OpenID Connect issuer (allowed, so it is tried).
+    let not_oidc = format!("{}/not-here", env.hydra.base_url());
+    env.create_grant("discovery", "unused", |s| s.issuer_url = not_oidc.clone()).await;
+    // A client that may not use the refresh_token grant (Hydra answers unauthorized_client).
+    let limited = env.hydra.create_client_with_grant_types(&[], &["client_credentials"]).await.unwrap();
+    env.put_secret("limited-client", &[("client_id", &limited.client_id), ("client_secret", &limited.client_secret)])
+        .await;
+    let token = env.authorize("unauthorized").await;
+    env.create_grant("unauthorized", &token, |s| s.client_secret_ref.name = "limited-client".into()).await;
+    // Hydra ignores spec.scope on refresh, so invalid_scope and other OAuth errors come from stubs.
+    let scope_stub = FaultServer::start().await.unwrap();
+    scope_stub.push(rejected("invalid_scope"));
+    env.create_grant("scope", "rt-scope", |s| {
+        s.issuer_url = scope_stub.base_url().to_owned();
+        s.scope = Some("payments".into());
+    })
+    .await;
+    let other_stub = FaultServer::start().await.unwrap();
+    other_stub.push(rejected("unsupported_grant_type"));
+    env.create_grant("other", "rt-other", |s| s.issuer_url = other_stub.base_url().to_owned()).await;
+    // The state Secret's name is taken by someone else's Secret.
+    env.put_secret("conflicted-wgtwo-state", &[("note", "not the operator's")]).await;
+    let token = env.authorize("conflicted").await;
+    env.create_grant("conflicted", &token, |_| {}).await;
+
+    let baseline = env.hydra.token_requests();
+    let _operator = env.start_operator_with(&[
+        "--allowed-issuer",
+        &not_oidc,
+        "--allowed-issuer",
+        scope_stub.base_url(),
+        "--allowed-issuer",
+        other_stub.base_url(),
+    ]);
+    let timeout = Duration::from_secs(30);
+    env.wait_ready("discovery", "False", "DiscoveryFailed", timeout).await;
+    env.wait_ready("unauthorized", "False", "UnauthorizedClient", timeout).await;
+    env.wait_ready("scope", "False", "InvalidScope", timeout).await;
+    env.wait_ready("other", "False", "RefreshRejected", timeout).await;
+    env.wait_ready("conflicted", "False", "StateConflict", timeout).await;
+
+    let message = |name: &'static str| {
+        let env = &env;
+        async move { env.status(name).await.unwrap().conditions[0].message.clone() }
+    };
+    for (name, advice) in [
+        ("discovery", "Check spec.issuerUrl"),
+        ("unauthorized", "Secret limited-client"),
+        ("scope", "Fix spec.scope"),
+        ("other", "Re-authorize"),
+        ("conflicted", "conflicted-wgtwo-state"),
+    ] {
+        let text = message(name).await;
+        assert!(text.contains(advice), "{name}: {text}");
+        assert!(!env.events(name).await.is_empty(), "{name}: no Event");
+    }
+    assert_eq!(
+        env.secret_value("conflicted-wgtwo-state", "note").await.as_deref(),
+        Some("not the operator's"),
+        "not overwritten"
+    );
+    // Refused for good: no repeated token requests.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(env.hydra.token_requests(), baseline + 1, "only the unauthorized client's one request");
+    assert_eq!((scope_stub.token_requests(), other_stub.token_requests()), (1, 1));
 }

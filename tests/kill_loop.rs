@@ -80,20 +80,62 @@ async fn kill_loop(grace: Duration) -> Vec<String> {
         }
     }
     // A lost grant must say so (InvalidGrant, with advice to re-authorize) once the operator next
-    // tries it; the others keep refreshing.
+    // tries it; the others keep refreshing: each must refresh again after this last start (a status
+    // written before the kills proves nothing).
+    let last_start = jiff::Timestamp::now();
     let _operator = env.start_operator_with(SINGLE_REPLICA).0;
+    let deadline = Instant::now() + Duration::from_secs(30);
     for name in &names {
         if lost.contains(name) {
             env.wait_ready(name, "False", "InvalidGrant", Duration::from_secs(20)).await;
-        } else {
-            env.wait_ready(name, "True", "Refreshed", Duration::from_secs(20)).await;
+            continue;
         }
+        loop {
+            let status = env.status(name).await.unwrap_or_default();
+            let last = status.last_refresh_time.map(|t| t.0.as_second()).unwrap_or_default();
+            if last > last_start.as_second() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name}: not refreshed after the last restart (last refresh {last})");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        env.wait_ready(name, "True", "Refreshed", Duration::from_secs(5)).await;
+        let live = env.live_refresh_token(name).await.unwrap_or_default();
+        assert!(env.active(&live).await, "{name}: refreshed, yet its live refresh token is inactive");
     }
+    let window = persist_window_ms(&env);
     println!(
-        "kill loop (grace period {}s): {kills} SIGKILLs over {:.0}s, {refreshes} refreshes, {} of {GRANTS} grants lost {lost:?}",
+        "kill loop (grace period {}s): {kills} SIGKILLs over {:.0}s, {refreshes} refreshes, {} of {GRANTS} grants lost {lost:?}; answer->state written (ms, from the operator logs, {} refreshes): p50 {} p99 {} max {}",
         grace.as_secs(),
         started.elapsed().as_secs_f64(),
-        lost.len()
+        lost.len(),
+        window.len(),
+        percentile(&window, 50),
+        percentile(&window, 99),
+        window.last().copied().unwrap_or_default(),
     );
     lost
+}
+
+/// Every `persist_ms` the operators logged: how long a rotated refresh token lived only in memory.
+fn persist_window_ms(env: &Env) -> Vec<u64> {
+    let mut values = Vec::new();
+    for entry in std::fs::read_dir(env.dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("operator-")) {
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            values.extend(log.split("persist_ms=").skip(1).filter_map(|rest| {
+                rest.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse::<u64>().ok())
+            }));
+        }
+    }
+    values.sort_unstable();
+    values
+}
+
+fn percentile(sorted: &[u64], p: usize) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }

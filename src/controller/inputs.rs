@@ -5,8 +5,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 
 use super::status::reason;
-use crate::api::WgtwoGrant;
-use crate::authorize::{CLIENT_ID_KEY, CLIENT_SECRET_KEY};
+use crate::api::{CLIENT_ID_KEY, CLIENT_SECRET_KEY, WgtwoGrant};
+use crate::kubeapi::secret_text;
 use crate::oauth::secrets::ClientSecret;
 
 pub struct Inputs {
@@ -63,12 +63,7 @@ fn value(secret: &Secret, name: &str, key: &str, field: &str) -> Result<String, 
         reason: reason::SECRET_KEY_MISSING,
         message: format!("Secret {name} ({field}) has no non-empty key {key}"),
     };
-    let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(missing)?;
-    let text = std::str::from_utf8(&bytes.0).map_err(|_| missing())?.trim();
-    if text.is_empty() {
-        return Err(missing());
-    }
-    Ok(text.to_owned())
+    secret_text(secret, key).map_err(|_| missing())
 }
 
 #[cfg(test)]

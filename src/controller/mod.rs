@@ -10,17 +10,18 @@
 //! on (optimistic concurrency).
 
 pub mod inputs;
+pub mod issuers;
 pub mod lineage;
+pub mod memory;
 pub mod schedule;
 pub mod status;
 pub mod target;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::{StreamExt, TryStreamExt};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
@@ -30,19 +31,22 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, instrument, warn};
 
+use self::issuers::AllowedIssuer;
 use self::lineage::RefreshState;
+use self::memory::{Memory, Pending};
 use self::schedule::{Decision, Observed, RefreshReason};
 use self::status::reason;
-use crate::api::{ANNOTATION_REFRESH_REQUESTED, WgtwoGrant, WgtwoGrantStatus};
+use crate::api::{ANNOTATION_REFRESH_REQUESTED, DEFAULT_ISSUER_URL, WgtwoGrant, WgtwoGrantStatus};
+use crate::kubeapi::kube_message;
 use crate::leader::Leadership;
 use crate::metrics::{self, Metrics};
 use crate::oauth::secrets::RefreshToken;
-use crate::oauth::{ClientConfig, ErrorClass, OAuthError, TokenSet, WgtwoClient};
+use crate::oauth::{ClientConfig, ErrorClass, OAuthError, WgtwoClient};
 
 /// Field manager and Event reporter of the operator.
 pub const MANAGER: &str = "wgtwo-operator";
@@ -56,7 +60,8 @@ const INPUT_RECHECK: Duration = Duration::from_secs(5 * 60);
 /// Assumed when a token response has no `expires_in` (wgtwo always sends 3600).
 const DEFAULT_LIFETIME: SignedDuration = SignedDuration::from_secs(3600);
 /// Time allowed, on top of the request timeout, to persist a refresh answer: a token request is
-/// sent only while the Lease is held for at least that much longer.
+/// sent only while the Lease is held for at least that much longer, and the state Secret write is
+/// abandoned (the answer stays in memory, the write is retried) when it takes longer.
 pub const PERSIST_BUDGET: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
@@ -67,6 +72,8 @@ pub struct Options {
     pub request_timeout: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// The identity services credentials may be sent to (see [`issuers`]).
+    pub allowed_issuers: Vec<AllowedIssuer>,
 }
 
 impl Default for Options {
@@ -77,6 +84,7 @@ impl Default for Options {
             request_timeout: Duration::from_secs(10),
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(5 * 60),
+            allowed_issuers: vec![AllowedIssuer::parse(DEFAULT_ISSUER_URL).expect("the default issuer is a URL")],
         }
     }
 }
@@ -111,126 +119,59 @@ pub enum Error {
     PersistFailed(String),
 }
 
-/// A refresh answer not yet fully published.
-struct Pending {
-    refresh_token: RefreshToken,
-    source: String,
-    tokens: TokenSet,
-    refreshed_at: Timestamp,
-    /// When the answer arrived: from then until the state Secret is written, a crash loses the
-    /// rotated refresh token (unless the server has a rotation grace period).
-    received: std::time::Instant,
-}
-
-#[derive(Default)]
-struct Memory {
-    backoff: Option<ExponentialBackoff>,
-    pending: Option<Pending>,
-}
-
 pub struct Context {
     client: kube::Client,
     recorder: Recorder,
     options: Options,
     shared: Shared,
-    /// Discovered clients by issuer, client id and secret fingerprint.
-    oauth: tokio::sync::Mutex<HashMap<String, Arc<WgtwoClient>>>,
-    memory: Mutex<HashMap<ObjectRef<WgtwoGrant>, Memory>>,
+    memory: Memory,
 }
 
 impl Context {
+    /// `client` serves the reconciler's requests: give it timeouts, so no call can hang.
     pub fn new(client: kube::Client, options: Options, shared: Shared) -> Self {
         let recorder = recorder(client.clone());
-        Self { client, recorder, options, shared, oauth: Default::default(), memory: Default::default() }
+        let memory = Memory::new(shared.metrics.clone());
+        Self { client, recorder, options, shared, memory }
     }
 
-    /// Answers kept in memory because they could not be persisted (lost if the process exits).
-    fn unpersisted(&self) -> Vec<String> {
-        let memory = self.memory.lock().unwrap();
-        memory.iter().filter(|(_, m)| m.pending.is_some()).map(|(k, _)| k.to_string()).collect()
+    fn api_backoff(&self, key: &ObjectRef<WgtwoGrant>) -> Duration {
+        self.memory.next_api_backoff(key, self.options.min_backoff, self.options.max_backoff)
     }
 
-    fn take_pending(&self, key: &ObjectRef<WgtwoGrant>) -> Option<Pending> {
-        self.memory.lock().unwrap().get_mut(key).and_then(|m| m.pending.take())
-    }
-
-    fn keep_pending(&self, key: &ObjectRef<WgtwoGrant>, pending: Pending) {
-        self.memory.lock().unwrap().entry(key.clone()).or_default().pending = Some(pending);
-    }
-
-    fn next_backoff(&self, key: &ObjectRef<WgtwoGrant>) -> Duration {
-        let mut memory = self.memory.lock().unwrap();
-        let entry = memory.entry(key.clone()).or_default();
-        let backoff = entry.backoff.get_or_insert_with(|| {
-            ExponentialBuilder::default()
-                .with_min_delay(self.options.min_backoff)
-                .with_max_delay(self.options.max_backoff)
-                .with_factor(2.0)
-                .with_jitter()
-                .without_max_times()
-                .build()
-        });
-        backoff.next().unwrap_or(self.options.max_backoff)
-    }
-
-    fn reset_backoff(&self, key: &ObjectRef<WgtwoGrant>) {
-        if let Some(m) = self.memory.lock().unwrap().get_mut(key) {
-            m.backoff = None;
-        }
-    }
-
-    fn forget(&self, key: &ObjectRef<WgtwoGrant>) {
-        let mut memory = self.memory.lock().unwrap();
-        // A pending answer is never dropped, even for a grant that went away.
-        if memory.get(key).is_some_and(|m| m.pending.is_none()) {
-            memory.remove(key);
-        }
-    }
-
-    async fn oauth_client(&self, issuer: &str, inputs: &inputs::Inputs) -> Result<Arc<WgtwoClient>, OAuthError> {
-        let key = lineage::sha256_hex(&[issuer, &inputs.client_id, inputs.client_secret.secret()]);
-        let mut clients = self.oauth.lock().await;
-        if let Some(client) = clients.get(&key) {
-            return Ok(client.clone());
-        }
+    fn client_config(&self, issuer: &str, inputs: &inputs::Inputs) -> ClientConfig {
         let mut config = ClientConfig::new(&inputs.client_id, inputs.client_secret.clone());
         config.issuer_url = issuer.to_owned();
         config.timeout = self.options.request_timeout;
         config.ca_bundle_pem = self.options.ca_bundle_pem.clone();
-        let client = Arc::new(WgtwoClient::discover(config).await?);
-        clients.insert(key, client.clone());
-        Ok(client)
-    }
-
-    /// Drops a cached client so the next use rediscovers the issuer (e.g. its signing keys rotated).
-    async fn forget_oauth_client(&self, issuer: &str, inputs: &inputs::Inputs) {
-        let key = lineage::sha256_hex(&[issuer, &inputs.client_id, inputs.client_secret.secret()]);
-        self.oauth.lock().await.remove(&key);
+        config
     }
 }
 
 /// The Event recorder of the operator, naming this pod as the reporting instance.
 pub fn recorder(client: kube::Client) -> Recorder {
-    let instance = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok());
-    Recorder::new(client, Reporter { controller: MANAGER.into(), instance })
+    Recorder::new(client, Reporter { controller: MANAGER.into(), instance: crate::kubeapi::pod_name() })
 }
 
 /// Runs the controller until `shutdown`; then no reconcile starts and in-flight ones (including
-/// the persistence of a rotated refresh token) finish before this returns.
+/// the persistence of a rotated refresh token) finish before this returns. `watch_client` serves
+/// the long-lived watches; `api_client` every other request (it should have timeouts).
 pub async fn run(
-    client: kube::Client,
+    watch_client: kube::Client,
+    api_client: kube::Client,
     options: Options,
     shared: Shared,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // Secrets as metadata only: the operator never caches the data of anyone's Secrets.
     let (grants, secrets): (Api<WgtwoGrant>, Api<PartialObjectMeta<Secret>>) = match &options.namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+        Some(ns) => (Api::namespaced(watch_client.clone(), ns), Api::namespaced(watch_client.clone(), ns)),
+        None => (Api::all(watch_client.clone()), Api::all(watch_client)),
     };
-    let ctx = Arc::new(Context::new(client, options, shared.clone()));
-    // Reconcile on spec and annotation changes, not on our own status writes: a status patch after a
-    // failed refresh must not bypass the backoff.
+    let allowed: Vec<&str> = options.allowed_issuers.iter().map(AllowedIssuer::as_str).collect();
+    info!(allowed_issuers = ?allowed, "credentials are sent only to these identity services");
+    let ctx = Arc::new(Context::new(api_client, options, shared.clone()));
+    let watch_ctx = ctx.clone();
     let (store, writer) = reflector::store();
     let metrics = shared.metrics.clone();
     let reader = store.clone();
@@ -243,11 +184,15 @@ pub async fn run(
         // Per-grant gauges follow every status change, including our own writes.
         .inspect_ok(move |event| match event {
             watcher::Event::Apply(g) | watcher::Event::InitApply(g) => metrics.observe_grant(g),
-            watcher::Event::Delete(g) => metrics.forget_grant(&g.namespace().unwrap_or_default(), &g.name_any()),
+            watcher::Event::Delete(g) => {
+                metrics.forget_grant(&g.namespace().unwrap_or_default(), &g.name_any());
+                watch_ctx.memory.forget(&ObjectRef::from_obj(g));
+            }
             watcher::Event::InitDone => {
-                metrics.retain_grants(
-                    &reader.state().iter().map(|g| (g.namespace().unwrap_or_default(), g.name_any())).collect(),
-                );
+                let alive = reader.state();
+                metrics
+                    .retain_grants(&alive.iter().map(|g| (g.namespace().unwrap_or_default(), g.name_any())).collect());
+                watch_ctx.memory.retain(&alive.iter().map(|g| ObjectRef::from_obj(&**g)).collect::<HashSet<_>>());
                 if !synced.swap(true, Ordering::Relaxed) {
                     info!("grant watch synced");
                 }
@@ -255,7 +200,9 @@ pub async fn run(
             watcher::Event::Init => {}
         })
         .applied_objects()
-        .predicate_filter(spec_or_annotations, Default::default());
+        // Spec and annotation changes only: a status patch after a failed refresh must not bypass
+        // the backoff.
+        .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
     let controller = Controller::for_stream(grant_changes, store.clone());
     let secret_changes = watcher(secrets, watcher::Config::default()).default_backoff().touched_objects();
     controller
@@ -278,19 +225,12 @@ pub async fn run(
             }
         })
         .await;
-    let lost = ctx.unpersisted();
+    let lost = ctx.memory.unpersisted();
     if !lost.is_empty() {
         error!(grants = ?lost, "stopped with rotated refresh tokens that could not be persisted; these grants need re-authorization unless the identity service has a rotation grace period");
     }
     info!("controller stopped");
     Ok(())
-}
-
-fn spec_or_annotations(grant: &WgtwoGrant) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (grant.metadata.generation, grant.annotations()).hash(&mut hasher);
-    Some(hasher.finish())
 }
 
 /// Whether the grant reads or writes the Secret `name` (in its own namespace).
@@ -307,8 +247,8 @@ fn error_policy(grant: Arc<WgtwoGrant>, err: &Error, ctx: Arc<Context>) -> Actio
         Error::Kube(_) => reason::KUBERNETES_API,
         Error::PersistFailed(_) => reason::PERSIST_FAILED,
     });
-    let delay = ctx.next_backoff(&ObjectRef::from_obj(&*grant));
-    warn!(grant = %grant.name_any(), namespace = ?grant.namespace(), error = %err, retry_in = ?delay, "reconcile error");
+    let delay = ctx.api_backoff(&ObjectRef::from_obj(&*grant));
+    warn!(namespace = grant.namespace().unwrap_or_default(), grant = %grant.name_any(), error = %err, retry_in = ?delay, "reconcile error");
     Action::requeue(delay)
 }
 
@@ -321,11 +261,14 @@ struct Run<'a> {
     grants: Api<WgtwoGrant>,
 }
 
+/// One span per reconcile: every log line names the grant and its namespace.
+#[instrument(skip_all, fields(namespace = grant.metadata.namespace.as_deref().unwrap_or(""), grant = grant.metadata.name.as_deref().unwrap_or("")))]
 async fn reconcile(grant: Arc<WgtwoGrant>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(&*grant);
     let ns = grant.namespace().expect("WgtwoGrant is namespaced");
     if grant.meta().deletion_timestamp.is_some() {
-        ctx.forget(&key);
+        // Being deleted: its Secrets go with it; write nothing that would bring them back.
+        ctx.memory.forget(&key);
         return Ok(Action::await_change());
     }
     let run = Run {
@@ -344,18 +287,25 @@ impl Run<'_> {
     }
 
     async fn reconcile(&self) -> Result<Action, Error> {
-        // An answer that could not be persisted goes first: never refresh past it.
-        if let Some(pending) = self.ctx.take_pending(&self.key) {
+        // An answer that could not be published goes first: never refresh past it. It stays kept
+        // until every write succeeded, whatever fails here.
+        if let Some(pending) = self.ctx.memory.pending(&self.key) {
             let state = self.secrets.get_opt(&self.state_name()).await?;
             let target = self.secrets.get_opt(&self.grant.spec.target.secret_name).await?;
             let next = self.publish(pending, state.as_ref(), target.as_ref()).await?;
-            self.ctx.reset_backoff(&self.key);
+            self.ctx.memory.reset_api_backoff(&self.key);
             // This reconcile's view of the grant predates the publish; decide afresh next time.
             return Ok(Action::requeue(until(Timestamp::now(), next)));
         }
         // Only the leader reads, refreshes and writes; becoming the leader triggers a pass.
         if !self.ctx.shared.leadership.is_leader() {
             return Ok(Action::await_change());
+        }
+        // Before any Secret is read: credentials go only to allowed identity services.
+        let allowed = &self.ctx.options.allowed_issuers;
+        if !issuers::is_allowed(&self.grant.spec.issuer_url, allowed) {
+            let message = issuers::not_allowed_message(&self.grant.spec.issuer_url, allowed);
+            return self.input_problem(reason::ISSUER_NOT_ALLOWED, message).await;
         }
 
         let inputs = match inputs::read(&self.secrets, self.grant).await? {
@@ -407,17 +357,24 @@ impl Run<'_> {
             refresh_requested: requested.is_some() && requested != handled,
             refresh_before: self.refresh_before(),
             jitter_seed: self.jitter_seed(),
+            retry_not_before: status::retry_not_before(self.grant.status.as_ref(), self.grant.metadata.generation),
         });
         match decision {
             Decision::WaitUntil(at) => {
                 let token = published.expect("waiting implies a published token");
-                debug!(grant = %self.grant.name_any(), next = %at, "access token valid; next refresh scheduled");
+                debug!(next = %at, "access token valid; next refresh scheduled");
                 self.set_ready(true, reason::REFRESHED, self.valid_message(token.expires_at), |s| {
                     s.expires_at = Some(Time(token.expires_at));
                     s.last_refresh_time = Some(Time(token.issued_at));
                     s.next_refresh_time = Some(Time(at));
+                    s.failed_attempts = None;
+                    s.last_failure_time = None;
                 })
                 .await?;
+                Ok(Action::requeue(until(now, at)))
+            }
+            Decision::BackingOff(at) => {
+                debug!(next_attempt = %at, "backing off after failed attempts");
                 Ok(Action::requeue(until(now, at)))
             }
             Decision::RefreshNow(why) => {
@@ -438,84 +395,104 @@ impl Run<'_> {
         published: Option<schedule::TokenTimes>,
     ) -> Result<Action, Error> {
         let issuer = &self.grant.spec.issuer_url;
-        let result = match self.ctx.oauth_client(issuer, inputs).await {
-            // Checked right before sending: a replica whose Lease may lapse before the answer is
-            // persisted must not present the refresh token (the next leader would present it too).
-            Ok(_) if !self.ctx.shared.leadership.may_send(self.ctx.options.lease_margin()) => {
-                return Ok(if self.ctx.shared.leadership.is_leader() {
-                    debug!(grant = %self.grant.name_any(), "Lease held with too little margin; refresh deferred");
-                    Action::requeue(Duration::from_secs(1))
-                } else {
-                    Action::await_change()
-                });
-            }
-            Ok(client) => {
-                info!(grant = %self.grant.name_any(), namespace = ?self.grant.namespace(), reason = why.as_str(), "refreshing");
-                let sent = Instant::now();
-                let result = client.refresh(&chosen.refresh_token, self.grant.spec.scope.as_deref()).await;
-                let outcome = match &result {
-                    Ok(_) => metrics::result::SUCCESS,
-                    Err(e) if e.class() == ErrorClass::Permanent => metrics::result::REJECTED,
-                    Err(_) => metrics::result::RETRYABLE_ERROR,
+        let client_key = lineage::sha256_hex(&[issuer, &inputs.client_id, inputs.client_secret.secret()]);
+        let config = self.ctx.client_config(issuer, inputs);
+        let client = self.ctx.memory.client(&self.key, client_key.clone(), || WgtwoClient::discover(config)).await;
+        let client = match client {
+            Ok(client) => client,
+            Err(err) => return self.refresh_failed(err, chosen, fingerprint, state_secret.as_ref(), published).await,
+        };
+        // Checked after the last await before sending: a replica whose Lease may lapse before the
+        // answer is persisted must not present the refresh token (the next leader would too).
+        if !self.ctx.shared.leadership.may_send(self.ctx.options.lease_margin()) {
+            return Ok(if self.ctx.shared.leadership.is_leader() {
+                debug!("Lease held with too little margin; refresh deferred");
+                Action::requeue(Duration::from_secs(1))
+            } else {
+                Action::await_change()
+            });
+        }
+        info!(reason = why.as_str(), "refreshing");
+        let sent = Instant::now();
+        let result = client.refresh(&chosen.refresh_token, self.grant.spec.scope.as_deref()).await;
+        let received = Instant::now();
+        // Kept before anything else can fail or wait: from here on the rotated refresh token is
+        // removed only once the state Secret holds it.
+        let tokens = match result {
+            Ok(tokens) => {
+                let pending = Pending {
+                    refresh_token: tokens.refresh_token.clone().unwrap_or(chosen.refresh_token.clone()),
+                    source: chosen.source.clone(),
+                    tokens,
+                    refreshed_at: whole_seconds(Timestamp::now()),
+                    received,
+                    persisted: false,
                 };
-                let ns = self.grant.namespace().unwrap_or_default();
-                self.ctx.shared.metrics.refresh(&ns, &self.grant.name_any(), outcome, sent.elapsed().as_secs_f64());
-                result
+                self.ctx.memory.keep(&self.key, pending.clone());
+                Ok(pending)
             }
             Err(err) => Err(err),
         };
-        let tokens = match result {
-            Ok(tokens) => tokens,
-            Err(err) => {
-                return self.refresh_failed(err, chosen, fingerprint, state_secret.as_ref(), published).await;
-            }
+        let outcome = match &tokens {
+            Ok(_) => metrics::result::SUCCESS,
+            Err(e) if e.class() == ErrorClass::Permanent => metrics::result::REJECTED,
+            Err(_) => metrics::result::RETRYABLE_ERROR,
         };
-        if let Some(problem) = &tokens.id_token_error {
+        let ns = self.grant.namespace().unwrap_or_default();
+        let seconds = received.duration_since(sent).as_secs_f64();
+        self.ctx.shared.metrics.refresh(&ns, &self.grant.name_any(), outcome, seconds);
+        let pending = match tokens {
+            Ok(pending) => pending,
+            Err(err) => return self.refresh_failed(err, chosen, fingerprint, state_secret.as_ref(), published).await,
+        };
+        if let Some(problem) = &pending.tokens.id_token_error {
             // The tokens are good; only the ID token is not. Rediscover keys next time.
-            warn!(grant = %self.grant.name_any(), problem = %problem, "ID token of the refresh answer failed verification");
-            self.ctx.forget_oauth_client(issuer, inputs).await;
+            warn!(problem = %problem, "ID token of the refresh answer failed verification");
+            self.ctx.memory.rediscover(&client_key);
         }
-        let pending = Pending {
-            refresh_token: tokens.refresh_token.clone().unwrap_or(chosen.refresh_token),
-            source: chosen.source,
-            tokens,
-            refreshed_at: whole_seconds(Timestamp::now()),
-            received: std::time::Instant::now(),
-        };
         let next = self.publish(pending, state_secret.as_ref(), target_secret.as_ref()).await?;
-        self.ctx.reset_backoff(&self.key);
+        self.ctx.memory.reset_api_backoff(&self.key);
         self.event(EventType::Normal, reason::REFRESHED, format!("Access token refreshed: {}", why.as_str())).await;
         Ok(Action::requeue(until(Timestamp::now(), next)))
     }
 
-    /// Writes the answer: rotated refresh token first, then the access token, then the status. On
-    /// any failure the answer is kept in memory (a retried write of the same token is harmless).
-    /// Returns when the next refresh is due.
+    /// Writes the answer: rotated refresh token first, then the access token, then the status. The
+    /// answer stays kept in memory until all three succeeded (a retried write of the same token is
+    /// harmless). Returns when the next refresh is due.
     async fn publish(
         &self,
         pending: Pending,
         state: Option<&Secret>,
         target: Option<&Secret>,
     ) -> Result<Timestamp, Error> {
-        let state_data = lineage::encode(&RefreshState {
-            refresh_token: pending.refresh_token.clone(),
-            source: pending.source.clone(),
-            failed: None,
-        });
-        if let Err(err) = self.write_secret(&self.state_name(), state, state_data, BTreeMap::new()).await {
-            self.ctx.keep_pending(&self.key, pending);
-            return Err(Error::PersistFailed(kube_message(&err)));
+        if !pending.persisted {
+            let state_data = lineage::encode(&RefreshState {
+                refresh_token: pending.refresh_token.clone(),
+                source: pending.source.clone(),
+                failed: None,
+            });
+            // Bounded so that it ends inside the Lease margin the request was sent with.
+            let name = self.state_name();
+            let write = self.write_secret(&name, state, state_data, BTreeMap::new());
+            match tokio::time::timeout(PERSIST_BUDGET, write).await {
+                Ok(Ok(())) => self.ctx.memory.persisted(&self.key),
+                Ok(Err(err)) => return Err(Error::PersistFailed(kube_message(&err))),
+                Err(_) => {
+                    return Err(Error::PersistFailed(format!(
+                        "no answer from the Kubernetes API within {}s",
+                        PERSIST_BUDGET.as_secs()
+                    )));
+                }
+            }
+            // The crash window of a rotating refresh token: answer received -> state written.
+            info!(persist_ms = pending.received.elapsed().as_millis() as u64, "rotated refresh token persisted");
         }
-        debug!(grant = %self.grant.name_any(), elapsed_ms = pending.received.elapsed().as_millis(), "rotated refresh token persisted");
         // Whole seconds (rounded down: never later than the server said), as RFC 3339 readers expect.
         let expires_at = whole_seconds(pending.tokens.expires_at.unwrap_or(pending.refreshed_at + DEFAULT_LIFETIME));
         let data = target::data(&pending.tokens, expires_at, target.and_then(target::phone_number));
         let annotations =
             BTreeMap::from([(target::ANNOTATION_REFRESHED_AT.to_owned(), pending.refreshed_at.to_string())]);
-        if let Err(err) = self.write_secret(&self.grant.spec.target.secret_name, target, data, annotations).await {
-            self.ctx.keep_pending(&self.key, pending);
-            return Err(err.into());
-        }
+        self.write_secret(&self.grant.spec.target.secret_name, target, data, annotations).await?;
         let times = schedule::TokenTimes { issued_at: pending.refreshed_at, expires_at };
         let next = schedule::refresh_at(times, self.refresh_before(), self.jitter_seed());
         let subject = pending.tokens.id_token.as_ref().map(|id| id.subject.clone());
@@ -532,8 +509,11 @@ impl Run<'_> {
             if handled.is_some() {
                 s.refresh_request_handled.clone_from(&handled);
             }
+            s.failed_attempts = None;
+            s.last_failure_time = None;
         })
         .await?;
+        self.ctx.memory.published(&self.key);
         Ok(next)
     }
 
@@ -550,6 +530,8 @@ impl Run<'_> {
         let still_valid = valid
             .map(|t| format!(" The published access token stays valid until {}.", t.expires_at))
             .unwrap_or_else(|| " No valid access token is published.".into());
+        let attempts = self.grant.status.as_ref().and_then(|s| s.failed_attempts).unwrap_or(0).saturating_add(1);
+        let failed_at = Time(whole_seconds(now));
         if err.class() == ErrorClass::Permanent {
             let (why, advice) = self.permanent_advice(&err);
             if matches!(err, OAuthError::Rejected { .. }) {
@@ -562,20 +544,41 @@ impl Run<'_> {
                 self.write_secret(&self.state_name(), state, data, BTreeMap::new()).await?;
             }
             let message = format!("{err}. {advice}{still_valid}");
-            warn!(grant = %self.grant.name_any(), namespace = ?self.grant.namespace(), reason = why, error = %err, "refresh refused; waiting for a fix");
+            warn!(reason = why, error = %err, "refresh refused; waiting for a fix");
             self.ctx.shared.metrics.reconcile_error(why);
             self.event(EventType::Warning, why, message.clone()).await;
-            self.set_ready(false, why, message, |_| {}).await?;
+            self.set_ready(false, why, message, |s| {
+                s.failed_attempts = Some(attempts);
+                s.last_failure_time = Some(failed_at.clone());
+            })
+            .await?;
             return Ok(Action::requeue(PERMANENT_RECHECK));
         }
-        let delay = self.ctx.next_backoff(&self.key).max(err.retry_after().unwrap_or_default());
-        let message = format!("Refresh failed: {err}; retrying in {}s.{still_valid}", delay.as_secs());
+        // The backoff lives in the status (attempts, next attempt), so a restart continues it.
+        let random = (self.jitter_seed() ^ u64::from(attempts).wrapping_mul(0x9E37_79B9_7F4A_7C15)) % 1000;
+        let delay = schedule::backoff_delay(
+            attempts,
+            self.ctx.options.min_backoff,
+            self.ctx.options.max_backoff,
+            random as f64 / 1000.0,
+        )
+        .max(err.retry_after().unwrap_or_default());
+        let next_attempt = ceil_seconds(now + SignedDuration::try_from(delay).unwrap_or(SignedDuration::MAX));
+        // The same words on every retry: the condition and the Event change only when the reason does.
+        let message = format!(
+            "Refresh failed: {err}. Retrying with backoff; status.nextRefreshTime is the next attempt.{still_valid}"
+        );
         let why = if valid.is_some() { reason::RETRYING_REFRESH } else { reason::IDENTITY_SERVICE_UNAVAILABLE };
         self.ctx.shared.metrics.reconcile_error(why);
-        warn!(grant = %self.grant.name_any(), namespace = ?self.grant.namespace(), error = %err, retry_in = ?delay, "refresh failed");
+        warn!(error = %err, attempts, next_attempt = %next_attempt, "refresh failed");
         self.event(EventType::Warning, "RefreshFailed", message.clone()).await;
-        self.set_ready(valid.is_some(), why, message, |_| {}).await?;
-        Ok(Action::requeue(delay))
+        self.set_ready(valid.is_some(), why, message, |s| {
+            s.failed_attempts = Some(attempts);
+            s.last_failure_time = Some(failed_at.clone());
+            s.next_refresh_time = Some(Time(next_attempt));
+        })
+        .await?;
+        Ok(Action::requeue(until(Timestamp::now(), next_attempt)))
     }
 
     fn permanent_advice(&self, err: &OAuthError) -> (&'static str, String) {
@@ -736,13 +739,12 @@ fn whole_seconds(t: Timestamp) -> Timestamp {
     Timestamp::from_second(t.as_second()).unwrap_or(t)
 }
 
-fn until(now: Timestamp, at: Timestamp) -> Duration {
-    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO).max(Duration::from_millis(200))
+/// Rounded up: the status keeps whole seconds, and a next attempt must not come early.
+fn ceil_seconds(t: Timestamp) -> Timestamp {
+    let down = whole_seconds(t);
+    if down == t { t } else { down.checked_add(SignedDuration::from_secs(1)).unwrap_or(down) }
 }
 
-fn kube_message(err: &kube::Error) -> String {
-    match err {
-        kube::Error::Api(status) => status.message.clone(),
-        other => other.to_string(),
-    }
+fn until(now: Timestamp, at: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO).max(Duration::from_millis(200))
 }

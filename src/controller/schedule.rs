@@ -8,6 +8,8 @@
 //! identity service little. Up to 10% of the interval is taken off at random (stable per grant and
 //! token) so that grants created together do not refresh together.
 
+use std::time::Duration;
+
 use jiff::{SignedDuration, Timestamp};
 
 /// Fraction of the lifetime that must remain when the default schedule refreshes.
@@ -51,6 +53,9 @@ pub enum Decision {
     RefreshNow(RefreshReason),
     /// Nothing to do until this instant.
     WaitUntil(Timestamp),
+    /// A refresh is due but the last attempts failed: wait for the backoff (kept in the status, so
+    /// it survives restarts) before the next token request.
+    BackingOff(Timestamp),
 }
 
 /// What the reconciler observed, reduced to what the decision needs.
@@ -63,18 +68,41 @@ pub struct Observed {
     pub refresh_before: Option<SignedDuration>,
     /// Stable per grant; spreads refresh times (e.g. a hash of the grant's uid).
     pub jitter_seed: u64,
+    /// After failed attempts: no token request before this instant.
+    pub retry_not_before: Option<Timestamp>,
 }
 
 pub fn decide(o: &Observed) -> Decision {
     if o.new_authorization {
         return Decision::RefreshNow(RefreshReason::NewAuthorization);
     }
-    let Some(token) = o.token else { return Decision::RefreshNow(RefreshReason::NoToken) };
-    if o.refresh_requested {
-        return Decision::RefreshNow(RefreshReason::Requested);
+    let why = match o.token {
+        None => RefreshReason::NoToken,
+        Some(_) if o.refresh_requested => RefreshReason::Requested,
+        Some(token) => {
+            let at = refresh_at(token, o.refresh_before, o.jitter_seed);
+            if o.now < at {
+                return Decision::WaitUntil(at);
+            }
+            RefreshReason::Due
+        }
+    };
+    // A new authorization (above) is a fresh start; anything else waits out the backoff.
+    match o.retry_not_before {
+        Some(at) if o.now < at => Decision::BackingOff(at),
+        _ => Decision::RefreshNow(why),
     }
-    let at = refresh_at(token, o.refresh_before, o.jitter_seed);
-    if o.now >= at { Decision::RefreshNow(RefreshReason::Due) } else { Decision::WaitUntil(at) }
+}
+
+/// The delay before attempt `failed_attempts + 1`, after `failed_attempts` failures in a row:
+/// `min` doubling up to `max`, with up to a quarter taken off at random (so grants that failed
+/// together do not retry together). Computed from the count in the status, so a restart or a new
+/// leader continues the backoff instead of starting it over; backon's builders hold their state in
+/// an iterator, which a restart would lose.
+pub fn backoff_delay(failed_attempts: u32, min: Duration, max: Duration, random: f64) -> Duration {
+    let exponent = failed_attempts.saturating_sub(1).min(32);
+    let full = min.saturating_mul(2u32.saturating_pow(exponent)).min(max).max(min);
+    full.mul_f64(1.0 - 0.25 * random.clamp(0.0, 1.0)).max(min.min(full))
 }
 
 /// The instant to refresh a token.
@@ -117,6 +145,7 @@ mod tests {
             refresh_requested: false,
             refresh_before: None,
             jitter_seed: 0,
+            retry_not_before: None,
         }
     }
 
@@ -174,5 +203,39 @@ mod tests {
         o.new_authorization = true;
         o.refresh_requested = true;
         assert_eq!(decide(&o), Decision::RefreshNow(RefreshReason::NewAuthorization));
+    }
+
+    #[test]
+    fn after_failures_a_due_refresh_waits_for_the_backoff_but_a_new_authorization_does_not() {
+        let mut o = observed(2400);
+        o.retry_not_before = Some(t(2410));
+        assert_eq!(decide(&o), Decision::BackingOff(t(2410)));
+        o.refresh_requested = true;
+        assert_eq!(decide(&o), Decision::BackingOff(t(2410)), "a requested refresh waits too");
+        o.token = None;
+        assert_eq!(decide(&o), Decision::BackingOff(t(2410)));
+        o.new_authorization = true;
+        assert_eq!(decide(&o), Decision::RefreshNow(RefreshReason::NewAuthorization));
+        let mut o = observed(2410);
+        o.retry_not_before = Some(t(2410));
+        assert_eq!(decide(&o), Decision::RefreshNow(RefreshReason::Due), "the backoff is over");
+        let mut o = observed(0);
+        o.retry_not_before = Some(t(10));
+        assert_eq!(decide(&o), Decision::WaitUntil(t(2400)), "not due: the schedule, not the backoff");
+    }
+
+    #[test]
+    fn backoff_doubles_from_min_to_max_and_jitter_only_shortens_it() {
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(300));
+        let d = |n, r| backoff_delay(n, min, max, r);
+        assert_eq!(d(1, 0.0), Duration::from_secs(1));
+        assert_eq!(d(2, 0.0), Duration::from_secs(2));
+        assert_eq!(d(5, 0.0), Duration::from_secs(16));
+        assert_eq!(d(9, 0.0), Duration::from_secs(256));
+        assert_eq!(d(10, 0.0), max);
+        assert_eq!(d(u32::MAX, 0.0), max, "no overflow");
+        assert_eq!(d(0, 0.0), min);
+        assert_eq!(d(10, 1.0), Duration::from_secs(225));
+        assert_eq!(d(1, 1.0), min, "never below min");
     }
 }

@@ -22,6 +22,7 @@ pub mod reason {
     pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
     pub const TARGET_CONFLICT: &str = "TargetConflict";
     pub const STATE_CONFLICT: &str = "StateConflict";
+    pub const ISSUER_NOT_ALLOWED: &str = "IssuerNotAllowed";
     pub const PERSIST_FAILED: &str = "PersistFailed";
     /// A request to the Kubernetes API failed (metrics only).
     pub const KUBERNETES_API: &str = "KubernetesAPIError";
@@ -53,6 +54,18 @@ pub fn ready_condition(
 
 pub fn previous_ready(status: Option<&WgtwoGrantStatus>) -> Option<&Condition> {
     status?.conditions.iter().find(|c| c.type_ == READY)
+}
+
+/// While transient failures are being retried, the next attempt recorded in the status (so that a
+/// restart or a new leader keeps the backoff). Not after a spec change: that is a fresh start.
+pub fn retry_not_before(status: Option<&WgtwoGrantStatus>, generation: Option<i64>) -> Option<Timestamp> {
+    let status = status?;
+    let retrying = previous_ready(Some(status))
+        .is_some_and(|c| c.reason == reason::RETRYING_REFRESH || c.reason == reason::IDENTITY_SERVICE_UNAVAILABLE);
+    let same_spec = status.observed_generation == generation;
+    (retrying && same_spec && status.failed_attempts.unwrap_or(0) > 0)
+        .then(|| status.next_refresh_time.as_ref().map(|t| t.0))
+        .flatten()
 }
 
 /// The status with `condition` as its Ready condition (other conditions kept).
@@ -91,5 +104,26 @@ mod tests {
         assert_eq!(next.conditions.len(), 2);
         assert!(next.conditions.iter().any(|c| c.type_ == "Other"));
         assert_eq!(previous_ready(Some(&next)).unwrap().reason, "Z");
+    }
+
+    #[test]
+    fn the_backoff_in_the_status_applies_only_while_retrying_the_same_spec() {
+        let t0 = Timestamp::from_second(1_700_000_000).unwrap();
+        let next = Timestamp::from_second(1_700_000_060).unwrap();
+        let retrying = |why: &str| WgtwoGrantStatus {
+            conditions: vec![ready_condition(None, true, why, "m".into(), Some(2), t0)],
+            failed_attempts: Some(3),
+            next_refresh_time: Some(Time(next)),
+            observed_generation: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(retry_not_before(Some(&retrying(reason::RETRYING_REFRESH)), Some(2)), Some(next));
+        assert_eq!(retry_not_before(Some(&retrying(reason::IDENTITY_SERVICE_UNAVAILABLE)), Some(2)), Some(next));
+        assert_eq!(retry_not_before(Some(&retrying(reason::REFRESHED)), Some(2)), None);
+        assert_eq!(retry_not_before(Some(&retrying(reason::RETRYING_REFRESH)), Some(3)), None, "spec changed");
+        let mut no_count = retrying(reason::RETRYING_REFRESH);
+        no_count.failed_attempts = None;
+        assert_eq!(retry_not_before(Some(&no_count), Some(2)), None);
+        assert_eq!(retry_not_before(None, Some(2)), None);
     }
 }

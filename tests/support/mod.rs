@@ -165,6 +165,7 @@ impl Env {
             "3s",
         ])
         .args(["--metrics-bind-address", &format!("127.0.0.1:{port}")])
+        .args(["--allowed-issuer", &self.hydra.base_url()])
         // Short enough for failover tests; must exceed 3s + 5s + the renew period.
         .args(["--leader-election-namespace", OPERATOR_NS, "--lease-duration", "12s", "--lease-renew-period", "1s"])
         .args(extra)

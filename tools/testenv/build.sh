@@ -4,7 +4,7 @@
 # content (so a version bump rebuilds and an unchanged wrapper never does).
 #
 #   tools/testenv/build.sh            build what is missing, print one "name=/path/to/binary" per line
-#   tools/testenv/build.sh kube       only the Kubernetes side (kube-apiserver, etcd, kubectl)
+#   tools/testenv/build.sh kube       only the Kubernetes side (kube-apiserver, kube-controller-manager, etcd, kubectl)
 #   tools/testenv/build.sh hydra      only Hydra
 #   tools/testenv/build.sh promtool   only promtool (checks /metrics scrapes and alert rules)
 #   tools/testenv/build.sh helm       only helm (lints and renders deploy/chart)
@@ -61,6 +61,8 @@ build_kube() {
   done
   go build -ldflags="$flags" -o "$1/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
   go build -ldflags="$flags" -o "$1/kubectl" k8s.io/kubernetes/cmd/kubectl
+  # For owner-reference garbage collection in the tests that need it.
+  go build -ldflags="$flags" -o "$1/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager
   go build -ldflags='-s -w' -o "$1/etcd" ./cmd/etcd
 }
 

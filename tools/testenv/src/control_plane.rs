@@ -21,7 +21,9 @@ use crate::{binaries, free_port};
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub struct ControlPlane {
-    // Field order is drop order: the apiserver stops before etcd, and the dir goes last.
+    // Field order is drop order: the controller manager and the apiserver stop before etcd, and
+    // the dir goes last.
+    controller_manager: Option<ChildGuard>,
     apiserver: ChildGuard,
     etcd: ChildGuard,
     url: String,
@@ -117,7 +119,29 @@ impl ControlPlane {
         })
         .await?;
 
-        Ok(Self { apiserver, etcd, url, ca_pem, admin_kubeconfig, dir })
+        Ok(Self { controller_manager: None, apiserver, etcd, url, ca_pem, admin_kubeconfig, dir })
+    }
+
+    /// Starts kube-controller-manager with only the garbage collector (which deletes objects whose
+    /// owners are gone, as in a real cluster), and waits until it has synced its informers.
+    pub async fn start_garbage_collector(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(binaries::path("kube-controller-manager"));
+        cmd.arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
+            .arg("--controllers=garbagecollector")
+            .arg("--leader-elect=false")
+            // No serving: nothing here scrapes or probes it.
+            .arg("--secure-port=0")
+            .arg("--v=2");
+        let log = self.dir.path().join("kube-controller-manager.log");
+        let mut child = ChildGuard::spawn("kube-controller-manager", cmd, &log)?;
+        wait_until(&mut child, START_TIMEOUT, "kube-controller-manager's garbage collector", || async {
+            std::fs::read_to_string(&log).is_ok_and(|l| {
+                l.contains("synced garbage collector") || l.contains("All resource monitors have synced")
+            })
+        })
+        .await?;
+        self.controller_manager = Some(child);
+        Ok(())
     }
 
     /// The apiserver's URL (`https://127.0.0.1:PORT`).
@@ -237,7 +261,9 @@ impl ControlPlane {
 
     /// The pids of the server processes, so tests can prove they are gone after drop.
     pub fn pids(&self) -> Vec<u32> {
-        vec![self.etcd.pid(), self.apiserver.pid()]
+        let mut pids = vec![self.etcd.pid(), self.apiserver.pid()];
+        pids.extend(self.controller_manager.as_ref().map(ChildGuard::pid));
+        pids
     }
 }
 

@@ -214,9 +214,22 @@ impl Hydra {
     /// Registers a confidential client (client_secret_basic) for the authorization code, refresh
     /// token and client credentials grants with the scopes wgtwo uses.
     pub async fn create_client(&self, redirect_uris: &[&str]) -> anyhow::Result<OAuthClient> {
+        self.create_client_with_grant_types(
+            redirect_uris,
+            &["authorization_code", "refresh_token", "client_credentials"],
+        )
+        .await
+    }
+
+    /// Like `create_client`, allowed only these grant types.
+    pub async fn create_client_with_grant_types(
+        &self,
+        redirect_uris: &[&str],
+        grant_types: &[&str],
+    ) -> anyhow::Result<OAuthClient> {
         let body = json!({
             "client_name": "wgtwo-operator-test",
-            "grant_types": ["authorization_code", "refresh_token", "client_credentials"],
+            "grant_types": grant_types,
             "response_types": ["code"],
             "scope": "openid phone offline_access",
             "redirect_uris": redirect_uris,

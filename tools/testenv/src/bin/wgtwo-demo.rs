@@ -101,10 +101,13 @@ async fn main() -> anyhow::Result<()> {
 
     let port = wgtwo_testenv::free_port();
     step(&format!(
-        "wgtwo-operator run --namespace demo --metrics-bind-address 127.0.0.1:{port}   (as ServiceAccount wgtwo-system/wgtwo-operator)"
+        "wgtwo-operator run --namespace demo --allowed-issuer {} --metrics-bind-address 127.0.0.1:{port}   (as ServiceAccount wgtwo-system/wgtwo-operator)",
+        hydra.base_url()
     ));
     let mut cmd = Command::new(&args.operator);
     cmd.args(["run", "--namespace", NS, "--leader-election-namespace", "wgtwo-system"])
+        // Credentials go only to allowed identity services; here the local Hydra.
+        .args(["--allowed-issuer", &hydra.base_url()])
         .args(["--metrics-bind-address", &format!("127.0.0.1:{port}")])
         .arg("--ca-bundle")
         .arg(&ca_file)

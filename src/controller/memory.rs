@@ -1,0 +1,312 @@
+//! What the controller keeps in memory: per grant, a refresh answer not yet published, the backoff
+//! of Kubernetes API errors and which OAuth client the grant uses; and the discovered OAuth
+//! clients. Everything is forgotten when its grant goes away (a watch deletion, or absence from a
+//! relist), so memory is bounded by the grants that exist. The sizes are exported as gauges.
+//!
+//! A kept answer holds a rotated refresh token that may exist nowhere else. It is removed only by
+//! [`Memory::published`] (after every write succeeded) or with its grant: an early return on any
+//! error path leaves it in place, so a failing apiserver cannot make the operator drop it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use jiff::Timestamp;
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::OnceCell;
+
+use crate::api::WgtwoGrant;
+use crate::metrics::Metrics;
+use crate::oauth::secrets::RefreshToken;
+use crate::oauth::{OAuthError, TokenSet, WgtwoClient};
+
+/// A refresh answer not yet fully published.
+#[derive(Clone)]
+pub struct Pending {
+    pub refresh_token: RefreshToken,
+    /// Fingerprint of the user's refresh token the lineage started from.
+    pub source: String,
+    pub tokens: TokenSet,
+    pub refreshed_at: Timestamp,
+    /// When the answer arrived: from then until the state Secret is written, a crash loses the
+    /// rotated refresh token (unless the server has a rotation grace period).
+    pub received: Instant,
+    /// The state Secret holds `refresh_token`; what remains is the target Secret and the status.
+    pub persisted: bool,
+}
+
+#[derive(Default)]
+struct GrantMemory {
+    pending: Option<Pending>,
+    api_backoff: Option<ExponentialBackoff>,
+    /// Key of the OAuth client this grant used last.
+    client: Option<String>,
+}
+
+type ClientCell = Arc<OnceCell<Arc<WgtwoClient>>>;
+
+pub struct Memory {
+    grants: Mutex<HashMap<ObjectRef<WgtwoGrant>, GrantMemory>>,
+    /// Discovered clients by issuer, client id and client secret fingerprint. A cell per key:
+    /// discovery of one issuer never waits for another's.
+    clients: Mutex<HashMap<String, ClientCell>>,
+    metrics: Metrics,
+}
+
+impl Memory {
+    pub fn new(metrics: Metrics) -> Self {
+        Self { grants: Default::default(), clients: Default::default(), metrics }
+    }
+
+    /// The answer kept for this grant, if any (a copy: it stays kept until published).
+    pub fn pending(&self, key: &ObjectRef<WgtwoGrant>) -> Option<Pending> {
+        self.grants.lock().unwrap().get(key).and_then(|m| m.pending.clone())
+    }
+
+    /// Keeps an answer; called as soon as it arrives, before any await.
+    pub fn keep(&self, key: &ObjectRef<WgtwoGrant>, pending: Pending) {
+        let mut grants = self.grants.lock().unwrap();
+        grants.entry(key.clone()).or_default().pending = Some(pending);
+        self.update_gauges(&grants);
+    }
+
+    /// The state Secret holds the kept answer's refresh token.
+    pub fn persisted(&self, key: &ObjectRef<WgtwoGrant>) {
+        let mut grants = self.grants.lock().unwrap();
+        if let Some(p) = grants.get_mut(key).and_then(|m| m.pending.as_mut()) {
+            p.persisted = true;
+        }
+        self.update_gauges(&grants);
+    }
+
+    /// The kept answer is fully published (state, target, status): forget it.
+    pub fn published(&self, key: &ObjectRef<WgtwoGrant>) {
+        let mut grants = self.grants.lock().unwrap();
+        if let Some(m) = grants.get_mut(key) {
+            m.pending = None;
+        }
+        self.update_gauges(&grants);
+    }
+
+    /// Grants (`namespace/name`) whose rotated refresh token is held only here (lost if the
+    /// process exits).
+    pub fn unpersisted(&self) -> Vec<String> {
+        let grants = self.grants.lock().unwrap();
+        grants
+            .iter()
+            .filter(|(_, m)| m.pending.as_ref().is_some_and(|p| !p.persisted))
+            .map(|(k, _)| format!("{}/{}", k.namespace.as_deref().unwrap_or_default(), k.name))
+            .collect()
+    }
+
+    /// The delay before retrying a reconcile that failed on the Kubernetes API.
+    pub fn next_api_backoff(&self, key: &ObjectRef<WgtwoGrant>, min: Duration, max: Duration) -> Duration {
+        let mut grants = self.grants.lock().unwrap();
+        let backoff = grants.entry(key.clone()).or_default().api_backoff.get_or_insert_with(|| {
+            ExponentialBuilder::default()
+                .with_min_delay(min)
+                .with_max_delay(max)
+                .with_factor(2.0)
+                .with_jitter()
+                .without_max_times()
+                .build()
+        });
+        let delay = backoff.next().unwrap_or(max);
+        self.update_gauges(&grants);
+        delay
+    }
+
+    pub fn reset_api_backoff(&self, key: &ObjectRef<WgtwoGrant>) {
+        if let Some(m) = self.grants.lock().unwrap().get_mut(key) {
+            m.api_backoff = None;
+        }
+    }
+
+    /// The OAuth client for `client_key`, discovering it once however many reconciles ask at the
+    /// same time (single flight). A failed discovery is not cached: the next call tries again.
+    pub async fn client<F, Fut>(
+        &self,
+        grant: &ObjectRef<WgtwoGrant>,
+        client_key: String,
+        discover: F,
+    ) -> Result<Arc<WgtwoClient>, OAuthError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<WgtwoClient, OAuthError>>,
+    {
+        let cell = {
+            let mut grants = self.grants.lock().unwrap();
+            let previous = grants.entry(grant.clone()).or_default().client.replace(client_key.clone());
+            let mut clients = self.clients.lock().unwrap();
+            let cell = clients.entry(client_key.clone()).or_default().clone();
+            if previous.is_some_and(|p| p != client_key) {
+                // E.g. the client secret changed: the old client may now be unused.
+                prune(&grants, &mut clients);
+            }
+            self.update_gauges_with(&grants, &clients);
+            cell
+        };
+        // No lock is held across the network: another issuer's discovery never waits for this one.
+        cell.get_or_try_init(|| async { discover().await.map(Arc::new) }).await.cloned()
+    }
+
+    /// Drops a cached client so that its next use rediscovers the issuer (e.g. its keys rotated).
+    pub fn rediscover(&self, client_key: &str) {
+        let grants = self.grants.lock().unwrap();
+        let mut clients = self.clients.lock().unwrap();
+        clients.remove(client_key);
+        self.update_gauges_with(&grants, &clients);
+    }
+
+    /// Forgets a grant that was deleted, and the clients only it used.
+    pub fn forget(&self, key: &ObjectRef<WgtwoGrant>) {
+        let mut grants = self.grants.lock().unwrap();
+        if grants.remove(key).is_some() {
+            let mut clients = self.clients.lock().unwrap();
+            prune(&grants, &mut clients);
+            self.update_gauges_with(&grants, &clients);
+        }
+    }
+
+    /// Keeps only these grants (after a relist, which may hide deletions).
+    pub fn retain(&self, alive: &HashSet<ObjectRef<WgtwoGrant>>) {
+        let mut grants = self.grants.lock().unwrap();
+        grants.retain(|k, _| alive.contains(k));
+        let mut clients = self.clients.lock().unwrap();
+        prune(&grants, &mut clients);
+        self.update_gauges_with(&grants, &clients);
+    }
+
+    fn update_gauges(&self, grants: &HashMap<ObjectRef<WgtwoGrant>, GrantMemory>) {
+        let clients = self.clients.lock().unwrap();
+        self.update_gauges_with(grants, &clients);
+    }
+
+    fn update_gauges_with(
+        &self,
+        grants: &HashMap<ObjectRef<WgtwoGrant>, GrantMemory>,
+        clients: &HashMap<String, ClientCell>,
+    ) {
+        let unpersisted = grants.values().filter(|m| m.pending.as_ref().is_some_and(|p| !p.persisted)).count();
+        self.metrics.set_memory(grants.len(), clients.len(), unpersisted);
+    }
+}
+
+/// Drops the clients no remembered grant uses.
+fn prune(grants: &HashMap<ObjectRef<WgtwoGrant>, GrantMemory>, clients: &mut HashMap<String, ClientCell>) {
+    let used: HashSet<&String> = grants.values().filter_map(|m| m.client.as_ref()).collect();
+    clients.retain(|k, _| used.contains(k));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oauth::secrets::AccessToken;
+
+    fn key(name: &str) -> ObjectRef<WgtwoGrant> {
+        ObjectRef::new(name).within("ns")
+    }
+
+    fn pending() -> Pending {
+        Pending {
+            refresh_token: RefreshToken::new("rt".into()),
+            source: "s".into(),
+            tokens: TokenSet {
+                access_token: AccessToken::new("at".into()),
+                refresh_token: None,
+                token_type: "bearer".into(),
+                expires_at: None,
+                scope: None,
+                id_token: None,
+                id_token_error: None,
+            },
+            refreshed_at: Timestamp::UNIX_EPOCH,
+            received: Instant::now(),
+            persisted: false,
+        }
+    }
+
+    fn gauge(m: &Metrics, name: &str) -> String {
+        m.encode().lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_default().to_owned()
+    }
+
+    #[test]
+    fn a_kept_answer_stays_until_published_and_counts_as_unpersisted_until_written() {
+        let metrics = Metrics::new();
+        let memory = Memory::new(metrics.clone());
+        memory.keep(&key("a"), pending());
+        // Reading it (as a retry does) does not remove it.
+        assert!(memory.pending(&key("a")).is_some());
+        assert!(memory.pending(&key("a")).is_some());
+        assert_eq!(memory.unpersisted(), ["ns/a"]);
+        assert_eq!(
+            gauge(&metrics, "wgtwo_operator_unpersisted_refresh_tokens"),
+            "wgtwo_operator_unpersisted_refresh_tokens 1"
+        );
+        memory.persisted(&key("a"));
+        assert!(memory.unpersisted().is_empty());
+        assert!(memory.pending(&key("a")).unwrap().persisted, "still kept for the target write");
+        assert_eq!(
+            gauge(&metrics, "wgtwo_operator_unpersisted_refresh_tokens"),
+            "wgtwo_operator_unpersisted_refresh_tokens 0"
+        );
+        memory.published(&key("a"));
+        assert!(memory.pending(&key("a")).is_none());
+    }
+
+    fn fake_client(issuer: &str) -> impl Future<Output = Result<WgtwoClient, OAuthError>> {
+        let issuer = issuer.to_owned();
+        async move { Err(OAuthError::Invalid(format!("no network in unit tests: {issuer}"))) }
+    }
+
+    #[tokio::test]
+    async fn deleted_grants_and_the_clients_only_they_used_are_forgotten() {
+        let metrics = Metrics::new();
+        let memory = Memory::new(metrics.clone());
+        for i in 0..100 {
+            let k = key(&format!("g{i}"));
+            let _ = memory.client(&k, format!("client-{}", i % 10), || fake_client("x")).await;
+            memory.next_api_backoff(&k, Duration::from_millis(1), Duration::from_millis(2));
+        }
+        assert_eq!(gauge(&metrics, "wgtwo_operator_grants_in_memory"), "wgtwo_operator_grants_in_memory 100");
+        assert_eq!(gauge(&metrics, "wgtwo_operator_oauth_clients_cached"), "wgtwo_operator_oauth_clients_cached 10");
+        // A changed client secret is a new key; the old client goes when nobody uses it.
+        let _ = memory.client(&key("g0"), "client-new".into(), || fake_client("x")).await;
+        assert_eq!(gauge(&metrics, "wgtwo_operator_oauth_clients_cached"), "wgtwo_operator_oauth_clients_cached 11");
+        for i in 1..50 {
+            memory.forget(&key(&format!("g{i}")));
+        }
+        let alive: HashSet<_> = (50..60).map(|i| key(&format!("g{i}"))).collect();
+        memory.retain(&alive);
+        assert_eq!(gauge(&metrics, "wgtwo_operator_grants_in_memory"), "wgtwo_operator_grants_in_memory 10");
+        assert_eq!(gauge(&metrics, "wgtwo_operator_oauth_clients_cached"), "wgtwo_operator_oauth_clients_cached 10");
+        memory.retain(&HashSet::new());
+        assert_eq!(gauge(&metrics, "wgtwo_operator_grants_in_memory"), "wgtwo_operator_grants_in_memory 0");
+        assert_eq!(gauge(&metrics, "wgtwo_operator_oauth_clients_cached"), "wgtwo_operator_oauth_clients_cached 0");
+    }
+
+    #[tokio::test]
+    async fn a_slow_discovery_does_not_hold_up_another_clients() {
+        let memory = Arc::new(Memory::new(Metrics::new()));
+        let slow = {
+            let memory = memory.clone();
+            tokio::spawn(async move {
+                memory
+                    .client(&key("slow"), "slow".into(), || async {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        fake_client("slow").await
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let other = tokio::time::timeout(
+            Duration::from_secs(5),
+            memory.client(&key("fast"), "fast".into(), || fake_client("fast")),
+        )
+        .await;
+        assert!(other.is_ok(), "discovery of another issuer waited for the slow one");
+        slow.abort();
+    }
+}

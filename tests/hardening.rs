@@ -1,0 +1,393 @@
+//! Hardening, tried as an attacker or a failing cluster would: the operator running as its
+//! ServiceAccount against a real apiserver and a real Hydra.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use support::{Env, NS, OPERATOR_NS, OPERATOR_SA};
+use wgtwo_operator::api::WgtwoGrant;
+use wgtwo_testenv::HydraOptions;
+
+fn ttl(secs: u64) -> HydraOptions {
+    HydraOptions { access_token_ttl: Duration::from_secs(secs), ..Default::default() }
+}
+
+/// Sets the verbs the operator's ClusterRole grants on Secrets, and waits until RBAC enforces them.
+async fn operator_secret_verbs(env: &Env, verbs: &[&str]) {
+    let roles: Api<ClusterRole> = Api::all(env.kube.clone());
+    let mut role = roles.get(OPERATOR_SA).await.unwrap();
+    for rule in role.rules.as_mut().unwrap() {
+        if rule.resources.as_ref().is_some_and(|r| r.iter().any(|r| r == "secrets")) {
+            rule.verbs = verbs.iter().map(|v| v.to_string()).collect();
+        }
+    }
+    roles.replace(OPERATOR_SA, &PostParams::default(), &role).await.unwrap();
+    let reviews: Api<SubjectAccessReview> = Api::all(env.kube.clone());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for verb in ["get", "list", "watch", "create", "update"] {
+        let want = verbs.contains(&verb);
+        loop {
+            let review = SubjectAccessReview {
+                spec: SubjectAccessReviewSpec {
+                    user: Some(format!("system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}")),
+                    resource_attributes: Some(ResourceAttributes {
+                        namespace: Some(NS.into()),
+                        verb: Some(verb.into()),
+                        resource: Some("secrets".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let allowed = reviews.create(&PostParams::default(), &review).await.unwrap().status.unwrap().allowed;
+            if allowed == want {
+                break;
+            }
+            assert!(Instant::now() < deadline, "RBAC change for {verb} not in effect after 20s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Whether the grant's live refresh token is active at Hydra. A token the operator rotates between
+/// the read and the introspection is read again; an inactive token that stays live is lost.
+async fn live_token_is_active(env: &Env, grant: &str) -> bool {
+    loop {
+        let live = env.live_refresh_token(grant).await.unwrap_or_default();
+        if env.active(&live).await {
+            return true;
+        }
+        if env.live_refresh_token(grant).await.unwrap_or_default() == live {
+            return false;
+        }
+    }
+}
+
+fn log_count(operator: &wgtwo_testenv::process::ChildGuard, needle: &str) -> usize {
+    std::fs::read_to_string(operator.log_path()).unwrap().matches(needle).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_answer_survives_failing_secret_reads_and_writes_over_several_refresh_cycles() {
+    const ALL: &[&str] = &["get", "list", "watch", "create", "update"];
+    let mut env = Env::start(ttl(8)).await;
+    let token = env.authorize("alice").await;
+    env.create_grant("alice", &token, |_| {}).await;
+    let operator = env.start_operator();
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+
+    for cycle in 0..3 {
+        let persisted = env.live_refresh_token("alice").await.unwrap();
+        // Writes fail: the next due refresh gets an answer that cannot be written.
+        operator_secret_verbs(&env, &["get", "list", "watch", "create"]).await;
+        let requests = env.hydra.token_requests();
+        let failures = log_count(&operator, "could not persist the rotated refresh token");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while env.hydra.token_requests() == requests
+            || log_count(&operator, "could not persist the rotated refresh token") == failures
+        {
+            assert!(Instant::now() < deadline, "cycle {cycle}: no refresh with a failed write");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Reads fail too, as they do when the apiserver itself is the thing failing; the operator
+        // keeps retrying the publish (backoff 0.5 s to 4 s) for a while.
+        operator_secret_verbs(&env, &["list", "watch"]).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            env.live_refresh_token("alice").await.as_deref(),
+            Some(persisted.as_str()),
+            "nothing could be written"
+        );
+        // The cluster recovers: the kept answer is published, and it is the live lineage.
+        operator_secret_verbs(&env, ALL).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while env.live_refresh_token("alice").await.as_deref() == Some(persisted.as_str()) {
+            assert!(Instant::now() < deadline, "cycle {cycle}: the kept refresh token was never persisted");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            live_token_is_active(&env, "alice").await,
+            "cycle {cycle}: the persisted refresh token is not the live one; log:\n{}",
+            operator.log_tail(30)
+        );
+        env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(20)).await;
+    }
+    // And it keeps refreshing.
+    let requests = env.hydra.token_requests();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.hydra.token_requests() == requests {
+        assert!(Instant::now() < deadline, "no refresh after the cycles");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(20)).await;
+    assert!(live_token_is_active(&env, "alice").await);
+}
+
+/// A TCP server that counts the connections it gets and never answers.
+struct Silent {
+    port: u16,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Silent {
+    async fn start() -> Silent {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        Silent { port, connections, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_author_who_cannot_read_secrets_cannot_make_the_operator_send_one_to_their_server() {
+    let mut env = Env::start(ttl(3600)).await;
+    // Mallory may manage grants in the namespace, and nothing else.
+    let role = Role {
+        metadata: ObjectMeta { name: Some("grant-author".into()), ..Default::default() },
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec!["auth.wgtwo.com".into()]),
+            resources: Some(vec!["wgtwogrants".into()]),
+            verbs: ["get", "list", "watch", "create", "update", "patch"].map(String::from).to_vec(),
+            ..Default::default()
+        }]),
+    };
+    Api::<Role>::namespaced(env.kube.clone(), NS).create(&PostParams::default(), &role).await.unwrap();
+    let binding = RoleBinding {
+        metadata: ObjectMeta { name: Some("mallory".into()), ..Default::default() },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: "grant-author".into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: "mallory".into(),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        }]),
+    };
+    Api::<RoleBinding>::namespaced(env.kube.clone(), NS).create(&PostParams::default(), &binding).await.unwrap();
+    let (mallory, _) = env.cp.service_account_client(NS, "mallory").await.unwrap();
+    env.put_secret("db", &[("password", "the-database-password")]).await;
+    let as_mallory: Api<Secret> = Api::namespaced(mallory.clone(), NS);
+    let denied = as_mallory.get("db").await.unwrap_err();
+    assert!(matches!(denied, kube::Error::Api(ref s) if s.code == 403), "{denied}");
+
+    // Her own "identity service", and a grant that would send the password there as the refresh
+    // token with the same Secret as client credentials.
+    let capture = Silent::start().await;
+    let _operator = env.start_operator();
+    let grant: WgtwoGrant = serde_json::from_value(serde_json::json!({
+        "apiVersion": "auth.wgtwo.com/v1alpha1", "kind": "WgtwoGrant",
+        "metadata": {"name": "exfiltrate"},
+        "spec": {
+            "issuerUrl": capture.url(),
+            "clientSecretRef": {"name": "db"},
+            "refreshTokenSecretRef": {"name": "db", "key": "password"},
+            "target": {"secretName": "loot"},
+        }
+    }))
+    .unwrap();
+    Api::<WgtwoGrant>::namespaced(mallory, NS).create(&PostParams::default(), &grant).await.unwrap();
+
+    env.wait_ready("exfiltrate", "False", "IssuerNotAllowed", Duration::from_secs(30)).await;
+    let message = env.status("exfiltrate").await.unwrap().conditions[0].message.clone();
+    assert!(message.contains(&capture.url()) && message.contains(&env.hydra.base_url()), "{message}");
+    assert!(env.events("exfiltrate").await.iter().any(|(r, _)| r == "IssuerNotAllowed"));
+    // Touching the grant changes nothing.
+    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "now"}}});
+    env.grants().patch("exfiltrate", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(capture.connections.load(Ordering::SeqCst), 0, "the operator connected to the grant author's server");
+    assert!(env.secrets().get_opt("loot").await.unwrap().is_none());
+    for (_, note) in env.events("exfiltrate").await {
+        assert!(!note.contains("the-database-password"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_that_never_answers_does_not_delay_the_other_grants() {
+    let mut env = Env::start(ttl(6)).await;
+    let healthy = ["a", "b", "c"];
+    for name in healthy {
+        let token = env.authorize(name).await;
+        env.create_grant(name, &token, |_| {}).await;
+    }
+    let silent = Silent::start().await;
+    let silent_url = silent.url();
+    env.create_grant("stuck", "unused", |s| s.issuer_url = silent_url.clone()).await;
+    // A long request timeout: each attempt at the silent issuer hangs for 8 s.
+    let _operator = env.start_operator_with(&[
+        "--allowed-issuer",
+        &silent.url(),
+        "--request-timeout",
+        "8s",
+        "--lease-duration",
+        "20s",
+    ]);
+    for name in healthy {
+        env.wait_ready(name, "True", "Refreshed", Duration::from_secs(30)).await;
+    }
+    // For 25 s (about six refreshes each), note how late each refresh comes after its planned time.
+    let mut planned: Vec<Option<jiff::Timestamp>> = vec![None; healthy.len()];
+    let mut tokens: Vec<Option<String>> = vec![None; healthy.len()];
+    let mut lateness = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(25) {
+        for (i, name) in healthy.iter().enumerate() {
+            let token = env.secret_value(&format!("{name}-token"), "access_token").await;
+            if token != tokens[i] {
+                if let (Some(plan), Some(_)) = (planned[i], &tokens[i]) {
+                    lateness.push(jiff::Timestamp::now().duration_since(plan).as_secs_f64());
+                }
+                tokens[i] = token;
+                planned[i] = None;
+            }
+            if planned[i].is_none() {
+                // The status is written after the target Secret: until it is, it still holds the
+                // plan of the refresh just seen (in the past).
+                let plan = env.status(name).await.and_then(|s| s.next_refresh_time).map(|t| t.0);
+                planned[i] = plan.filter(|p| *p > jiff::Timestamp::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(silent.connections.load(Ordering::SeqCst) > 0, "the stuck grant did try its issuer");
+    lateness.sort_by(f64::total_cmp);
+    let max = lateness.last().copied().unwrap_or(f64::INFINITY);
+    println!(
+        "refreshes of healthy grants next to a silent issuer: {} seen, lateness p50 {:.2}s max {max:.2}s (1 s of it is status rounding)",
+        lateness.len(),
+        lateness.get(lateness.len() / 2).copied().unwrap_or_default(),
+    );
+    assert!(lateness.len() >= 9, "only {} refreshes of the healthy grants in 25 s", lateness.len());
+    assert!(max < 2.5, "a healthy grant refreshed {max:.2}s late");
+    for name in healthy {
+        env.wait_ready(name, "True", "Refreshed", Duration::from_secs(1)).await;
+    }
+}
+
+fn unavailable(retry_after: Option<&str>) -> wgtwo_testenv::Fault {
+    wgtwo_testenv::Fault::Status {
+        status: 503,
+        retry_after: retry_after.map(str::to_owned),
+        body: r#"{"error":"temporarily_unavailable"}"#.into(),
+    }
+}
+
+/// A stub identity service whose token endpoint answers 503 to the next `n` requests.
+async fn failing_issuer(n: usize, retry_after: Option<&str>) -> wgtwo_testenv::FaultServer {
+    let stub = wgtwo_testenv::FaultServer::start().await.unwrap();
+    for _ in 0..n {
+        stub.push(unavailable(retry_after));
+    }
+    stub
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_the_operator_ten_times_does_not_reset_the_backoff_of_a_failing_grant() {
+    const WINDOW: Duration = Duration::from_secs(30);
+    let mut env = Env::start(ttl(3600)).await;
+    let flags = |issuer: &str| {
+        ["--leader-elect=false", "--min-backoff", "2s", "--max-backoff", "8s", "--allowed-issuer"]
+            .map(String::from)
+            .into_iter()
+            .chain([issuer.to_owned()])
+            .collect::<Vec<_>>()
+    };
+
+    // Without restarts.
+    let steady = failing_issuer(200, None).await;
+    env.create_grant("steady", "rt-steady", |s| s.issuer_url = steady.base_url().to_owned()).await;
+    let args = flags(steady.base_url());
+    let mut operator = env.start_operator_with(&args.iter().map(String::as_str).collect::<Vec<_>>()).0;
+    tokio::time::sleep(WINDOW).await;
+    let without = steady.token_requests();
+    operator.terminate(Duration::from_secs(10)).unwrap();
+    env.grants().delete("steady", &Default::default()).await.unwrap();
+
+    // The same, with a restart every 3 s.
+    let restarted = failing_issuer(200, None).await;
+    env.create_grant("restarted", "rt-restarted", |s| s.issuer_url = restarted.base_url().to_owned()).await;
+    let args = flags(restarted.base_url());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let mut operator = env.start_operator_with(&args).0;
+    for _ in 0..10 {
+        tokio::time::sleep(WINDOW / 10).await;
+        assert!(operator.terminate(Duration::from_secs(10)).unwrap().success());
+        operator = env.start_operator_with(&args).0;
+    }
+    tokio::time::sleep(WINDOW.saturating_sub(started.elapsed())).await;
+    operator.terminate(Duration::from_secs(10)).unwrap();
+    let with = restarted.token_requests();
+    println!("token requests of a failing grant in {WINDOW:?}: {without} without restarts, {with} with 10 restarts");
+    assert!(without >= 3, "the failing grant was retried only {without} times");
+    assert!(with <= without + 1, "restarts reset the backoff: {with} requests with restarts, {without} without");
+    let status = env.status("restarted").await.unwrap();
+    assert_eq!(status.failed_attempts, Some(with as u32), "every failed attempt is counted in the status");
+    assert!(status.last_failure_time.is_some());
+    let ready = &status.conditions[0];
+    assert_eq!(ready.reason, "IdentityServiceUnavailable");
+    assert!(!ready.message.contains("retrying in"), "the message changes on every retry: {}", ready.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_longer_than_the_backoff_is_honoured_also_across_a_restart() {
+    let mut env = Env::start(ttl(3600)).await;
+    let stub = failing_issuer(3, Some("6")).await;
+    env.create_grant("alice", "rt-alice", |s| s.issuer_url = stub.base_url().to_owned()).await;
+    let args = ["--leader-elect=false", "--allowed-issuer", stub.base_url()];
+    let mut operator = env.start_operator_with(&args).0;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while seen.len() < 4 {
+        assert!(Instant::now() < deadline, "only {} token requests in 40 s", seen.len());
+        if stub.token_requests() > seen.len() {
+            seen.push(Instant::now());
+            if seen.len() == 2 {
+                // Restart while waiting for the second Retry-After.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                assert!(operator.terminate(Duration::from_secs(10)).unwrap().success());
+                operator = env.start_operator_with(&args).0;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gaps: Vec<f64> = seen.windows(2).map(|w| w[1].duration_since(w[0]).as_secs_f64()).collect();
+    println!("gaps between token requests with Retry-After: 6 (min backoff 0.5 s): {gaps:.2?}");
+    for gap in &gaps {
+        assert!(*gap >= 5.5, "a request came {gap:.2}s after a Retry-After of 6 s; log:\n{}", operator.log_tail(40));
+    }
+    // The fourth request succeeded.
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(10)).await;
+    let status = env.status("alice").await.unwrap();
+    assert_eq!((status.failed_attempts, status.last_failure_time), (None, None), "a success resets the count");
+}
