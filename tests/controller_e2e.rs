@@ -6,12 +6,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use kube::api::{Patch, PatchParams};
-use support::{Env, NS};
+use support::{Env, NS, ttl};
 use wgtwo_testenv::HydraOptions;
-
-fn ttl(secs: u64) -> HydraOptions {
-    HydraOptions { access_token_ttl: Duration::from_secs(secs), ..Default::default() }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grant_becomes_ready_and_is_refreshed_ahead_of_every_expiry_killing_each_old_refresh_token() {
@@ -81,8 +77,7 @@ async fn grant_becomes_ready_and_is_refreshed_ahead_of_every_expiry_killing_each
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_restart_sends_no_refresh_while_the_published_token_is_valid() {
     let mut env = Env::start(ttl(3600)).await;
-    let token = env.authorize("alice").await;
-    env.create_grant("alice", &token, |_| {}).await;
+    env.create_authorized_grant("alice").await;
     let mut operator = env.start_operator();
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
     let published = env.secret_value("alice-token", "access_token").await;
@@ -107,8 +102,7 @@ async fn operator_restart_sends_no_refresh_while_the_published_token_is_valid() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_now_annotation_refreshes_once() {
     let mut env = Env::start(ttl(3600)).await;
-    let token = env.authorize("alice").await;
-    env.create_grant("alice", &token, |_| {}).await;
+    env.create_authorized_grant("alice").await;
     let _operator = env.start_operator();
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
     let before = env.secret_value("alice-token", "access_token").await;
@@ -198,8 +192,7 @@ async fn each_permanent_problem_has_its_reason_and_sends_no_repeated_token_reque
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_service_outage_backs_off_visibly_and_recovers_without_restart() {
     let mut env = Env::start(HydraOptions { persistent: true, ..ttl(8) }).await;
-    let token = env.authorize("alice").await;
-    env.create_grant("alice", &token, |_| {}).await;
+    env.create_authorized_grant("alice").await;
     let _operator = env.start_operator();
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
 
@@ -232,8 +225,7 @@ async fn identity_service_outage_backs_off_visibly_and_recovers_without_restart(
 async fn a_rotated_refresh_token_that_cannot_be_persisted_is_kept_in_memory_until_it_can() {
     use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
     let mut env = Env::start(ttl(3600)).await;
-    let token = env.authorize("alice").await;
-    env.create_grant("alice", &token, |_| {}).await;
+    env.create_authorized_grant("alice").await;
     let _operator = env.start_operator();
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
     let persisted = env.live_refresh_token("alice").await.unwrap();
@@ -335,8 +327,7 @@ async fn discovery_unauthorized_client_invalid_scope_other_rejections_and_state_
     env.create_grant("other", "rt-other", |s| s.issuer_url = other_stub.base_url().to_owned()).await;
     // The state Secret's name is taken by someone else's Secret.
     env.put_secret("conflicted-wgtwo-state", &[("note", "not the operator's")]).await;
-    let token = env.authorize("conflicted").await;
-    env.create_grant("conflicted", &token, |_| {}).await;
+    env.create_authorized_grant("conflicted").await;
 
     let baseline = env.hydra.token_requests();
     let _operator = env.start_operator_with(&[

@@ -11,13 +11,8 @@ use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessRevie
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use support::{Env, NS, OPERATOR_NS, OPERATOR_SA};
+use support::{Env, NS, OPERATOR_NS, OPERATOR_SA, ttl};
 use wgtwo_operator::api::WgtwoGrant;
-use wgtwo_testenv::HydraOptions;
-
-fn ttl(secs: u64) -> HydraOptions {
-    HydraOptions { access_token_ttl: Duration::from_secs(secs), ..Default::default() }
-}
 
 /// Sets the verbs the operator's ClusterRole grants on Secrets, and waits until RBAC enforces them.
 async fn operator_secret_verbs(env: &Env, verbs: &[&str]) {
@@ -79,8 +74,7 @@ fn log_count(operator: &wgtwo_testenv::process::ChildGuard, needle: &str) -> usi
 async fn a_kept_answer_survives_failing_secret_reads_and_writes_over_several_refresh_cycles() {
     const ALL: &[&str] = &["get", "list", "watch", "create", "update"];
     let mut env = Env::start(ttl(8)).await;
-    let token = env.authorize("alice").await;
-    env.create_grant("alice", &token, |_| {}).await;
+    env.create_authorized_grant("alice").await;
     let operator = env.start_operator();
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
 
@@ -237,8 +231,7 @@ async fn an_issuer_that_never_answers_does_not_delay_the_other_grants() {
     let mut env = Env::start(ttl(6)).await;
     let healthy = ["a", "b", "c"];
     for name in healthy {
-        let token = env.authorize(name).await;
-        env.create_grant(name, &token, |_| {}).await;
+        env.create_authorized_grant(name).await;
     }
     let silent = Silent::start().await;
     let silent_url = silent.url();

@@ -46,8 +46,7 @@ async fn kill_loop(grace: Duration) -> Vec<String> {
     let mut env = Env::start(options).await;
     let names: Vec<String> = (0..GRANTS).map(|i| format!("grant-{i}")).collect();
     for name in &names {
-        let token = env.authorize(name).await;
-        env.create_grant(name, &token, |_| {}).await;
+        env.create_authorized_grant(name).await;
     }
     let baseline = env.hydra.token_requests();
     let started = Instant::now();

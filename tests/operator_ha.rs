@@ -55,8 +55,7 @@ async fn across_pause_and_kill_failovers_exactly_one_replica_refreshes_and_no_re
     let mut env = Env::start(HydraOptions { access_token_ttl: Duration::from_secs(20), ..Default::default() }).await;
     let grants: Vec<String> = (0..3).map(|i| format!("grant-{i}")).collect();
     for g in &grants {
-        let token = env.authorize(g).await;
-        env.create_grant(g, &token, |_| {}).await;
+        env.create_authorized_grant(g).await;
     }
     let baseline = env.hydra.token_requests();
 
@@ -137,8 +136,7 @@ async fn across_pause_and_kill_failovers_exactly_one_replica_refreshes_and_no_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_releases_the_lease_so_the_standby_takes_over_at_once_and_exits_zero() {
     let mut env = Env::start(HydraOptions::default()).await;
-    let token = env.authorize("alice").await;
-    env.create_grant("alice", &token, |_| {}).await;
+    env.create_authorized_grant("alice").await;
     let (process, port) = env.start_operator_with(&[]);
     let mut a = Replica { name: "A", process, port };
     a.wait_leads(Duration::from_secs(10)).await;

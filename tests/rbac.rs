@@ -123,8 +123,7 @@ async fn scoped_to_one_namespace_it_refreshes_there_and_cannot_read_secrets_else
     here.get("wgtwo-client").await.expect("the operator reads the Secrets of its namespace");
 
     // And the operator, with only this access, does its job.
-    let token = env.authorize("alice").await;
-    env.create_grant("alice", &token, |_| {}).await;
+    env.create_authorized_grant("alice").await;
     let _operator = env.start_operator();
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
     assert!(env.secret_value("alice-token", "access_token").await.is_some());

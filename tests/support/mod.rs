@@ -22,6 +22,11 @@ pub const OPERATOR_NS: &str = "wgtwo-system";
 pub const OPERATOR_SA: &str = "wgtwo-operator";
 pub const REDIRECT: &str = "http://127.0.0.1:8085/callback";
 
+/// Hydra with access tokens living `secs` seconds.
+pub fn ttl(secs: u64) -> HydraOptions {
+    HydraOptions { access_token_ttl: Duration::from_secs(secs), ..Default::default() }
+}
+
 pub struct Env {
     pub cp: ControlPlane,
     pub hydra: Hydra,
@@ -122,6 +127,12 @@ impl Env {
         let CallbackOutcome::Code(code) = parse_callback(&callback.url, &pending.state).unwrap() else { panic!() };
         let tokens = self.wgtwo.exchange_code(AuthorizationCode::new(code), pending).await.unwrap();
         tokens.refresh_token.unwrap().secret().clone()
+    }
+
+    /// A subscriber named `name` authorizes, and a grant `name` with default settings uses it.
+    pub async fn create_authorized_grant(&self, name: &str) {
+        let token = self.authorize(name).await;
+        self.create_grant(name, &token, |_| {}).await;
     }
 
     /// Stores `refresh_token` in `<name>-authorization` and applies a grant pointing at it.
