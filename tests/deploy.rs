@@ -29,7 +29,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     let promtool = binaries::path("promtool");
     let deploy = repo_root().join("deploy");
     let checked = run(&promtool, &["check", "rules", "chart/wgtwo-operator/files/alerts.yaml"], &deploy);
-    assert!(checked.contains("SUCCESS: 4 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 5 rules found"), "{checked}");
     let tested = run(&promtool, &["test", "rules", "alerts_test.yaml"], &deploy);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -62,6 +62,26 @@ fn a_second_replica_without_leader_election_is_refused_by_the_chart() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("replicaCount > 1 needs leaderElection.enabled"));
+}
+
+#[test]
+fn the_chart_passes_each_allowed_issuer_and_refuses_an_empty_list() {
+    let render = |set: &str| {
+        Command::new(binaries::path("helm"))
+            .args(["template", "x"])
+            .arg(repo_root().join("deploy/chart/wgtwo-operator"))
+            .args(["--set", set])
+            .output()
+            .unwrap()
+    };
+    let out = render("operator.allowedIssuers={https://id.wgtwo.com,https://id.example.com}");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(yaml.contains("- --allowed-issuer=https://id.wgtwo.com\n"), "{yaml}");
+    assert!(yaml.contains("- --allowed-issuer=https://id.example.com\n"), "{yaml}");
+    let out = render("operator.allowedIssuers=null");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("operator.allowedIssuers must list at least one"));
 }
 
 #[test]

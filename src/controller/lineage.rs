@@ -14,6 +14,10 @@ use crate::oauth::secrets::RefreshToken;
 pub const KEY_REFRESH_TOKEN: &str = "refresh_token";
 pub const KEY_SOURCE: &str = "source_sha256";
 pub const KEY_FAILED: &str = "failed_sha256";
+pub const KEY_PHONE_NUMBER: &str = "phone_number";
+/// The lineage (`source`) for which the phone number is known, so it is asked for once per
+/// authorization, not on every refresh.
+pub const KEY_PHONE_SOURCE: &str = "phone_source_sha256";
 
 /// What the state Secret holds.
 #[derive(Clone, Debug)]
@@ -24,6 +28,9 @@ pub struct RefreshState {
     /// sha256 (hex) of the inputs of a request the server refused for good (`invalid_grant`, …):
     /// the same inputs are not sent again.
     pub failed: Option<String>,
+    /// What the identity service said about the subscriber's phone number for this lineage:
+    /// `None` while unknown, `Some(None)` when it has none.
+    pub phone: Option<Option<String>>,
 }
 
 pub fn sha256_hex(parts: &[&str]) -> String {
@@ -55,15 +62,24 @@ pub fn encode(state: &RefreshState) -> BTreeMap<String, ByteString> {
     if let Some(failed) = &state.failed {
         data.insert(KEY_FAILED.to_owned(), ByteString(failed.as_bytes().to_vec()));
     }
+    if let Some(phone) = &state.phone {
+        data.insert(KEY_PHONE_SOURCE.to_owned(), ByteString(state.source.as_bytes().to_vec()));
+        if let Some(number) = phone {
+            data.insert(KEY_PHONE_NUMBER.to_owned(), ByteString(number.as_bytes().to_vec()));
+        }
+    }
     data
 }
 
 pub fn decode(data: &BTreeMap<String, ByteString>) -> Option<RefreshState> {
     let text = |key: &str| data.get(key).and_then(|v| String::from_utf8(v.0.clone()).ok()).filter(|s| !s.is_empty());
+    let source = text(KEY_SOURCE)?;
+    let phone = (text(KEY_PHONE_SOURCE).as_ref() == Some(&source)).then(|| text(KEY_PHONE_NUMBER));
     Some(RefreshState {
         refresh_token: RefreshToken::new(text(KEY_REFRESH_TOKEN)?),
-        source: text(KEY_SOURCE)?,
+        source,
         failed: text(KEY_FAILED),
+        phone,
     })
 }
 
@@ -92,7 +108,12 @@ mod tests {
     use super::*;
 
     fn state(token: &str, source_of: &str) -> RefreshState {
-        RefreshState { refresh_token: RefreshToken::new(token.into()), source: sha256_hex(&[source_of]), failed: None }
+        RefreshState {
+            refresh_token: RefreshToken::new(token.into()),
+            source: sha256_hex(&[source_of]),
+            failed: None,
+            phone: None,
+        }
     }
 
     #[test]
@@ -127,6 +148,20 @@ mod tests {
         let mut data = encode(&s);
         data.remove(KEY_SOURCE);
         assert!(decode(&data).is_none());
+    }
+
+    #[test]
+    fn the_phone_number_is_known_per_lineage_including_knowing_there_is_none() {
+        let mut s = state("rotated", "user");
+        assert_eq!(decode(&encode(&s)).unwrap().phone, None, "unknown");
+        s.phone = Some(Some("+4799999999".into()));
+        assert_eq!(decode(&encode(&s)).unwrap().phone, Some(Some("+4799999999".into())));
+        s.phone = Some(None);
+        assert_eq!(decode(&encode(&s)).unwrap().phone, Some(None), "asked, and there is none");
+        // Known for another lineage (the user re-authorized): unknown for this one.
+        let mut data = encode(&RefreshState { phone: Some(Some("+47".into())), ..state("rotated", "user") });
+        data.insert(KEY_SOURCE.into(), ByteString(sha256_hex(&["new-user"]).into_bytes()));
+        assert_eq!(decode(&data).unwrap().phone, None);
     }
 
     #[test]

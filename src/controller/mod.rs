@@ -292,7 +292,7 @@ impl Run<'_> {
         if let Some(pending) = self.ctx.memory.pending(&self.key) {
             let state = self.secrets.get_opt(&self.state_name()).await?;
             let target = self.secrets.get_opt(&self.grant.spec.target.secret_name).await?;
-            let next = self.publish(pending, state.as_ref(), target.as_ref()).await?;
+            let next = self.publish(pending, state.as_ref(), target.as_ref(), None).await?;
             self.ctx.memory.reset_api_backoff(&self.key);
             // This reconcile's view of the grant predates the publish; decide afresh next time.
             return Ok(Action::requeue(until(Timestamp::now(), next)));
@@ -450,7 +450,7 @@ impl Run<'_> {
             warn!(problem = %problem, "ID token of the refresh answer failed verification");
             self.ctx.memory.rediscover(&client_key);
         }
-        let next = self.publish(pending, state_secret.as_ref(), target_secret.as_ref()).await?;
+        let next = self.publish(pending, state_secret.as_ref(), target_secret.as_ref(), Some(&client)).await?;
         self.ctx.memory.reset_api_backoff(&self.key);
         self.event(EventType::Normal, reason::REFRESHED, format!("Access token refreshed: {}", why.as_str())).await;
         Ok(Action::requeue(until(Timestamp::now(), next)))
@@ -458,24 +458,43 @@ impl Run<'_> {
 
     /// Writes the answer: rotated refresh token first, then the access token, then the status. The
     /// answer stays kept in memory until all three succeeded (a retried write of the same token is
-    /// harmless). Returns when the next refresh is due.
+    /// harmless). With `client`, a phone number the ID token did not carry is asked from userinfo,
+    /// once per authorization. Returns when the next refresh is due.
     async fn publish(
         &self,
         pending: Pending,
         state: Option<&Secret>,
         target: Option<&Secret>,
+        client: Option<&WgtwoClient>,
     ) -> Result<Timestamp, Error> {
+        let id_token_phone = pending.tokens.id_token.as_ref().and_then(|id| id.phone_number.clone());
+        let known = state
+            .and_then(|s| s.data.as_ref())
+            .and_then(lineage::decode)
+            .filter(|s| s.source == pending.source)
+            .and_then(|s| s.phone);
+        let mut phone = id_token_phone.map(Some).or(known);
+        let lineage_state = |phone: Option<Option<String>>| RefreshState {
+            refresh_token: pending.refresh_token.clone(),
+            source: pending.source.clone(),
+            failed: None,
+            phone,
+        };
+        let mut state = state.cloned();
         if !pending.persisted {
-            let state_data = lineage::encode(&RefreshState {
-                refresh_token: pending.refresh_token.clone(),
-                source: pending.source.clone(),
-                failed: None,
-            });
             // Bounded so that it ends inside the Lease margin the request was sent with.
             let name = self.state_name();
-            let write = self.write_secret(&name, state, state_data, BTreeMap::new());
+            let write = self.write_secret(
+                &name,
+                state.as_ref(),
+                lineage::encode(&lineage_state(phone.clone())),
+                BTreeMap::new(),
+            );
             match tokio::time::timeout(PERSIST_BUDGET, write).await {
-                Ok(Ok(())) => self.ctx.memory.persisted(&self.key),
+                Ok(Ok(written)) => {
+                    self.ctx.memory.persisted(&self.key);
+                    state = Some(written);
+                }
                 Ok(Err(err)) => return Err(Error::PersistFailed(kube_message(&err))),
                 Err(_) => {
                     return Err(Error::PersistFailed(format!(
@@ -487,9 +506,28 @@ impl Run<'_> {
             // The crash window of a rotating refresh token: answer received -> state written.
             info!(persist_ms = pending.received.elapsed().as_millis() as u64, "rotated refresh token persisted");
         }
+        if let (None, Some(client)) = (&phone, client) {
+            // A provider may give scope-granted claims only from userinfo (OpenID Connect Core
+            // 5.4). Asked after the rotated token is safe, and remembered with the lineage.
+            match client.userinfo(&pending.tokens.access_token).await {
+                Ok(info) => {
+                    phone = Some(info.phone_number);
+                    let data = lineage::encode(&lineage_state(phone.clone()));
+                    if let Err(err) = self.write_secret(&self.state_name(), state.as_ref(), data, BTreeMap::new()).await
+                    {
+                        warn!(error = %kube_message(&err), "could not remember the phone number; userinfo is asked again next time");
+                    }
+                }
+                Err(err) => warn!(error = %err, "userinfo failed; the phone number is asked again at the next refresh"),
+            }
+        }
         // Whole seconds (rounded down: never later than the server said), as RFC 3339 readers expect.
         let expires_at = whole_seconds(pending.tokens.expires_at.unwrap_or(pending.refreshed_at + DEFAULT_LIFETIME));
-        let data = target::data(&pending.tokens, expires_at, target.and_then(target::phone_number));
+        let data = target::data(
+            &pending.tokens,
+            expires_at,
+            phone.flatten().or_else(|| target.and_then(target::phone_number)),
+        );
         let annotations =
             BTreeMap::from([(target::ANNOTATION_REFRESHED_AT.to_owned(), pending.refreshed_at.to_string())]);
         self.write_secret(&self.grant.spec.target.secret_name, target, data, annotations).await?;
@@ -540,6 +578,7 @@ impl Run<'_> {
                     refresh_token: chosen.refresh_token,
                     source: chosen.source,
                     failed: Some(fingerprint),
+                    phone: None,
                 });
                 self.write_secret(&self.state_name(), state, data, BTreeMap::new()).await?;
             }
@@ -669,7 +708,7 @@ impl Run<'_> {
         existing: Option<&Secret>,
         data: BTreeMap<String, k8s_openapi::ByteString>,
         annotations: BTreeMap<String, String>,
-    ) -> Result<(), kube::Error> {
+    ) -> Result<Secret, kube::Error> {
         let labels = BTreeMap::from([
             (LABEL_MANAGED_BY.to_owned(), MANAGER.to_owned()),
             (LABEL_GRANT.to_owned(), self.grant.name_any()),
@@ -688,8 +727,8 @@ impl Run<'_> {
             ..Default::default()
         };
         match existing {
-            None => self.secrets.create(&PostParams::default(), &secret).await.map(drop),
-            Some(_) => self.secrets.replace(name, &PostParams::default(), &secret).await.map(drop),
+            None => self.secrets.create(&PostParams::default(), &secret).await,
+            Some(_) => self.secrets.replace(name, &PostParams::default(), &secret).await,
         }
     }
 

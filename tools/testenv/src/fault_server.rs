@@ -1,5 +1,6 @@
 //! A small stub identity service for faults a real Hydra cannot be made to produce on demand: 5xx,
-//! 429 with Retry-After, a slow answer, a malformed body. It serves a minimal discovery document so
+//! 429 with Retry-After, a slow answer, a malformed body; and for a provider that, unlike Hydra,
+//! issues no ID token and tells the phone number only from userinfo. It serves a minimal discovery document so
 //! the client under test takes its normal path, and counts token requests.
 
 use std::collections::VecDeque;
@@ -36,8 +37,12 @@ pub struct TokenRequest {
 struct Shared {
     faults: Mutex<VecDeque<Fault>>,
     token_requests: AtomicUsize,
+    userinfo_requests: AtomicUsize,
     last: Mutex<Option<TokenRequest>>,
 }
+
+/// The phone number the stub's userinfo endpoint returns.
+pub const USERINFO_PHONE_NUMBER: &str = "+4712345678";
 
 pub struct FaultServer {
     base: String,
@@ -71,6 +76,7 @@ impl FaultServer {
             .route("/.well-known/openid-configuration", get(move || async move { axum::Json(discovery) }))
             .route("/.well-known/jwks.json", get(|| async { axum::Json(json!({"keys": []})) }))
             .route("/oauth2/token", post(token))
+            .route("/userinfo", get(userinfo))
             .with_state(shared.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -92,6 +98,10 @@ impl FaultServer {
         self.shared.token_requests.load(Ordering::SeqCst)
     }
 
+    pub fn userinfo_requests(&self) -> usize {
+        self.shared.userinfo_requests.load(Ordering::SeqCst)
+    }
+
     /// The last token request received.
     pub fn last_token_request(&self) -> Option<TokenRequest> {
         self.shared.last.lock().unwrap().clone()
@@ -102,6 +112,16 @@ impl Drop for FaultServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+async fn userinfo(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    shared.userinfo_requests.fetch_add(1, Ordering::SeqCst);
+    let bearer = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !bearer.starts_with("Bearer stub-access-") {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    axum::Json(json!({"sub": "stub-subject", "phone_number": USERINFO_PHONE_NUMBER, "phone_number_verified": true}))
+        .into_response()
 }
 
 async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
