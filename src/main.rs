@@ -49,6 +49,10 @@ struct RunArgs {
     /// grant cannot make the operator send a Secret to a server of the grant author's choosing.
     #[arg(long = "allowed-issuer", default_value = wgtwo_operator::api::DEFAULT_ISSUER_URL, value_parser = parse_issuer)]
     allowed_issuers: Vec<AllowedIssuer>,
+    /// Reconciles running at once (0: unbounded). Each holds at most one refresh answer that is not
+    /// yet written, so this also bounds what a crash can lose.
+    #[arg(long, default_value_t = wgtwo_operator::controller::DEFAULT_CONCURRENCY)]
+    concurrency: u16,
     /// Timeout of each Kubernetes API request other than watches.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     kube_api_timeout: Duration,
@@ -132,6 +136,8 @@ async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: log collectors and files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(err) = run(Cli::parse()).await {
         // One line: the error and its causes.
@@ -158,6 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 min_backoff: a.min_backoff,
                 max_backoff: a.max_backoff,
                 allowed_issuers: a.allowed_issuers,
+                concurrency: a.concurrency,
             };
             let election = a.leader_elect.then_some(Election {
                 namespace: a.leader_election_namespace,

@@ -194,8 +194,8 @@ async fn a_grant_author_who_cannot_read_secrets_cannot_make_the_operator_send_on
     let denied = as_mallory.get("db").await.unwrap_err();
     assert!(matches!(denied, kube::Error::Api(ref s) if s.code == 403), "{denied}");
 
-    // Her own "identity service", and a grant that would send the password there as the refresh
-    // token with the same Secret as client credentials.
+    // Her own "identity service", and a grant that would send the team's OAuth client (as Basic
+    // auth) and the database password (as the refresh token) there.
     let capture = Silent::start().await;
     let _operator = env.start_operator();
     let grant: WgtwoGrant = serde_json::from_value(serde_json::json!({
@@ -203,7 +203,7 @@ async fn a_grant_author_who_cannot_read_secrets_cannot_make_the_operator_send_on
         "metadata": {"name": "exfiltrate"},
         "spec": {
             "issuerUrl": capture.url(),
-            "clientSecretRef": {"name": "db"},
+            "clientSecretRef": {"name": "wgtwo-client"},
             "refreshTokenSecretRef": {"name": "db", "key": "password"},
             "target": {"secretName": "loot"},
         }
@@ -211,7 +211,15 @@ async fn a_grant_author_who_cannot_read_secrets_cannot_make_the_operator_send_on
     .unwrap();
     Api::<WgtwoGrant>::namespaced(mallory, NS).create(&PostParams::default(), &grant).await.unwrap();
 
-    env.wait_ready("exfiltrate", "False", "IssuerNotAllowed", Duration::from_secs(30)).await;
+    // Whatever the operator decides, it decides it within seconds; the listener must stay silent.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.ready("exfiltrate").await.is_none() {
+        assert!(Instant::now() < deadline, "the grant was never reconciled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(capture.connections.load(Ordering::SeqCst), 0, "the operator connected to the grant author's server");
+    env.wait_ready("exfiltrate", "False", "IssuerNotAllowed", Duration::from_secs(1)).await;
     let message = env.status("exfiltrate").await.unwrap().conditions[0].message.clone();
     assert!(message.contains(&capture.url()) && message.contains(&env.hydra.base_url()), "{message}");
     assert!(env.events("exfiltrate").await.iter().any(|(r, _)| r == "IssuerNotAllowed"));

@@ -64,6 +64,9 @@ const DEFAULT_LIFETIME: SignedDuration = SignedDuration::from_secs(3600);
 /// abandoned (the answer stays in memory, the write is retried) when it takes longer.
 pub const PERSIST_BUDGET: Duration = Duration::from_secs(5);
 
+/// Default of `--concurrency`; see the README for the measurement behind it.
+pub const DEFAULT_CONCURRENCY: u16 = 16;
+
 #[derive(Clone, Debug)]
 pub struct Options {
     /// Watch only this namespace (default: all).
@@ -74,6 +77,9 @@ pub struct Options {
     pub max_backoff: Duration,
     /// The identity services credentials may be sent to (see [`issuers`]).
     pub allowed_issuers: Vec<AllowedIssuer>,
+    /// Reconciles running at once (0: unbounded). Bounds the refresh answers waiting for their
+    /// state write, and so what a crash can lose.
+    pub concurrency: u16,
 }
 
 impl Default for Options {
@@ -85,6 +91,7 @@ impl Default for Options {
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(5 * 60),
             allowed_issuers: vec![AllowedIssuer::parse(DEFAULT_ISSUER_URL).expect("the default issuer is a URL")],
+            concurrency: DEFAULT_CONCURRENCY,
         }
     }
 }
@@ -170,6 +177,7 @@ pub async fn run(
     };
     let allowed: Vec<&str> = options.allowed_issuers.iter().map(AllowedIssuer::as_str).collect();
     info!(allowed_issuers = ?allowed, "credentials are sent only to these identity services");
+    let concurrency = options.concurrency;
     let ctx = Arc::new(Context::new(api_client, options, shared.clone()));
     let watch_ctx = ctx.clone();
     let (store, writer) = reflector::store();
@@ -203,7 +211,8 @@ pub async fn run(
         // Spec and annotation changes only: a status patch after a failed refresh must not bypass
         // the backoff.
         .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
-    let controller = Controller::for_stream(grant_changes, store.clone());
+    let controller = Controller::for_stream(grant_changes, store.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
     let secret_changes = watcher(secrets, watcher::Config::default()).default_backoff().touched_objects();
     controller
         .watches_stream(secret_changes, move |secret| {
