@@ -53,16 +53,22 @@ async fn operator_secret_verbs(env: &Env, verbs: &[&str]) {
 }
 
 /// Whether the grant's live refresh token is active at Hydra. A token the operator rotates between
-/// the read and the introspection is read again; an inactive token that stays live is lost.
+/// the read and the introspection (Hydra revokes it a few ms before the operator writes its
+/// successor) is read again; an inactive token that stays live for 3 s is lost.
 async fn live_token_is_active(env: &Env, grant: &str) -> bool {
-    loop {
+    'read: loop {
         let live = env.live_refresh_token(grant).await.unwrap_or_default();
         if env.active(&live).await {
             return true;
         }
-        if env.live_refresh_token(grant).await.unwrap_or_default() == live {
-            return false;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if env.live_refresh_token(grant).await.unwrap_or_default() != live {
+                continue 'read;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        return false;
     }
 }
 
@@ -79,11 +85,10 @@ async fn a_kept_answer_survives_failing_secret_reads_and_writes_over_several_ref
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
 
     for cycle in 0..3 {
-        let persisted = env.live_refresh_token("alice").await.unwrap();
         // Writes fail: the next due refresh gets an answer that cannot be written.
-        operator_secret_verbs(&env, &["get", "list", "watch", "create"]).await;
         let requests = env.hydra.token_requests();
         let failures = log_count(&operator, "could not persist the rotated refresh token");
+        operator_secret_verbs(&env, &["get", "list", "watch", "create"]).await;
         let deadline = Instant::now() + Duration::from_secs(20);
         while env.hydra.token_requests() == requests
             || log_count(&operator, "could not persist the rotated refresh token") == failures
@@ -91,6 +96,8 @@ async fn a_kept_answer_survives_failing_secret_reads_and_writes_over_several_ref
             assert!(Instant::now() < deadline, "cycle {cycle}: no refresh with a failed write");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // Nothing can change the state Secret now.
+        let persisted = env.live_refresh_token("alice").await.unwrap();
         // Reads fail too, as they do when the apiserver itself is the thing failing; the operator
         // keeps retrying the publish (backoff 0.5 s to 4 s) for a while.
         operator_secret_verbs(&env, &["list", "watch"]).await;
@@ -391,4 +398,42 @@ async fn a_retry_after_longer_than_the_backoff_is_honoured_also_across_a_restart
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(10)).await;
     let status = env.status("alice").await.unwrap();
     assert_eq!((status.failed_attempts, status.last_failure_time), (None, None), "a success resets the count");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_api_connections_that_go_silent_do_not_stall_the_operator() {
+    let mut env = Env::start(ttl(8)).await;
+    env.create_authorized_grant("alice").await;
+    let upstream = env.cp.url().trim_start_matches("https://").parse().unwrap();
+    let proxy = wgtwo_testenv::TcpProxy::start(upstream).await.unwrap();
+    let kubeconfig = env.operator_kubeconfig_through(proxy.port());
+    let (operator, _) = env.start_operator_using(&["--leader-elect=false", "--kube-api-timeout", "3s"], &kubeconfig);
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+
+    // Three times, every connection the operator has open to the apiserver (pooled request
+    // connections and watches) goes silent for good; the operator must notice within its
+    // timeouts, reconnect and keep refreshing.
+    for round in 0..3 {
+        let before = proxy.connections();
+        let requests = env.hydra.token_requests();
+        proxy.blackhole_open_connections();
+        let silenced = Instant::now();
+        let deadline = silenced + Duration::from_secs(40);
+        while env.hydra.token_requests() < requests + 2 {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {} refreshes in 40 s after the connections went silent; log:\n{}",
+                env.hydra.token_requests() - requests,
+                operator.log_tail(20)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!(
+            "round {round}: two refreshes {:.1}s after the apiserver connections went silent; {} new connections",
+            silenced.elapsed().as_secs_f64(),
+            proxy.connections() - before
+        );
+        env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(10)).await;
+        assert!(live_token_is_active(&env, "alice").await, "round {round}: the live refresh token is not active");
+    }
 }

@@ -161,6 +161,23 @@ impl Env {
 
     /// Starts the operator with extra `run` flags; returns it and its metrics port.
     pub fn start_operator_with(&mut self, extra: &[&str]) -> (ChildGuard, u16) {
+        let kubeconfig = self.operator_kubeconfig.clone();
+        self.start_operator_using(extra, &kubeconfig)
+    }
+
+    /// A copy of the operator's kubeconfig that reaches the apiserver through `port` on loopback
+    /// (e.g. a `TcpProxy`).
+    pub fn operator_kubeconfig_through(&self, port: u16) -> PathBuf {
+        let text = std::fs::read_to_string(&self.operator_kubeconfig).unwrap();
+        let through = text.replace(self.cp.url(), &format!("https://127.0.0.1:{port}"));
+        assert_ne!(text, through, "the kubeconfig names the apiserver");
+        let path = self.dir.path().join(format!("operator-through-{port}.kubeconfig"));
+        std::fs::write(&path, through).unwrap();
+        path
+    }
+
+    /// Like `start_operator_with`, with the credentials (and server) of `kubeconfig`.
+    pub fn start_operator_using(&mut self, extra: &[&str], kubeconfig: &std::path::Path) -> (ChildGuard, u16) {
         self.operator_starts += 1;
         let port = wgtwo_testenv::free_port();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wgtwo-operator"));
@@ -183,7 +200,7 @@ impl Env {
         .env("POD_NAME", format!("operator-{}", self.operator_starts))
         .arg("--ca-bundle")
         .arg(&self.ca_file)
-        .env("KUBECONFIG", &self.operator_kubeconfig)
+        .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info,wgtwo_operator=debug");
         let log = self.dir.path().join(format!("operator-{}.log", self.operator_starts));
         (ChildGuard::spawn("wgtwo-operator", cmd, &log).unwrap(), port)

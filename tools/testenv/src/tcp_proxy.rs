@@ -1,0 +1,86 @@
+//! A TCP proxy on loopback that can black-hole the connections open through it: from then on they
+//! forward nothing in either direction and stay open (no FIN, no RST), as with a hung apiserver or
+//! a peer lost behind a stateful firewall. Connections made afterwards work. TLS passes through
+//! untouched.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub struct TcpProxy {
+    port: u16,
+    /// Connections with an id up to this are black-holed.
+    dead_up_to: Arc<AtomicU64>,
+    next_id: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let dead_up_to = Arc::new(AtomicU64::new(0));
+        let next_id = Arc::new(AtomicU64::new(1));
+        let (dead, next) = (dead_up_to.clone(), next_id.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let id = next.fetch_add(1, Ordering::SeqCst);
+                let dead = dead.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else { return };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let is_dead = move || dead.load(Ordering::SeqCst) >= id;
+                    tokio::join!(pipe(cr, sw, is_dead.clone()), pipe(sr, cw, is_dead));
+                });
+            }
+        });
+        Ok(Self { port, dead_up_to, next_id, task })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Every connection open now forwards nothing more, for good, and is never closed.
+    pub fn blackhole_open_connections(&self) {
+        let newest = self.next_id.load(Ordering::SeqCst) - 1;
+        self.dead_up_to.fetch_max(newest, Ordering::SeqCst);
+    }
+
+    /// How many connections were made through the proxy.
+    pub fn connections(&self) -> u64 {
+        self.next_id.load(Ordering::SeqCst) - 1
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    is_dead: impl Fn() -> bool,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if is_dead() {
+            // Hold both halves open and forward nothing, forever.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
