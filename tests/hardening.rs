@@ -52,26 +52,6 @@ async fn operator_secret_verbs(env: &Env, verbs: &[&str]) {
     }
 }
 
-/// Whether the grant's live refresh token is active at Hydra. A token the operator rotates between
-/// the read and the introspection (Hydra revokes it a few ms before the operator writes its
-/// successor) is read again; an inactive token that stays live for 3 s is lost.
-async fn live_token_is_active(env: &Env, grant: &str) -> bool {
-    'read: loop {
-        let live = env.live_refresh_token(grant).await.unwrap_or_default();
-        if env.active(&live).await {
-            return true;
-        }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if env.live_refresh_token(grant).await.unwrap_or_default() != live {
-                continue 'read;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        return false;
-    }
-}
-
 fn log_count(operator: &wgtwo_testenv::process::ChildGuard, needle: &str) -> usize {
     std::fs::read_to_string(operator.log_path()).unwrap().matches(needle).count()
 }
@@ -115,7 +95,7 @@ async fn a_kept_answer_survives_failing_secret_reads_and_writes_over_several_ref
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         assert!(
-            live_token_is_active(&env, "alice").await,
+            env.live_token_is_active("alice").await,
             "cycle {cycle}: the persisted refresh token is not the live one; log:\n{}",
             operator.log_tail(30)
         );
@@ -129,7 +109,7 @@ async fn a_kept_answer_survives_failing_secret_reads_and_writes_over_several_ref
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(20)).await;
-    assert!(live_token_is_active(&env, "alice").await);
+    assert!(env.live_token_is_active("alice").await);
 }
 
 /// A TCP server that counts the connections it gets and never answers.
@@ -434,6 +414,6 @@ async fn kubernetes_api_connections_that_go_silent_do_not_stall_the_operator() {
             proxy.connections() - before
         );
         env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(10)).await;
-        assert!(live_token_is_active(&env, "alice").await, "round {round}: the live refresh token is not active");
+        assert!(env.live_token_is_active("alice").await, "round {round}: the live refresh token is not active");
     }
 }

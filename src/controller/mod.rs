@@ -132,14 +132,16 @@ pub struct Context {
     options: Options,
     shared: Shared,
     memory: Memory,
+    /// The grant cache, to tell whether a grant still exists.
+    grants: reflector::Store<WgtwoGrant>,
 }
 
 impl Context {
     /// `client` serves the reconciler's requests: give it timeouts, so no call can hang.
-    pub fn new(client: kube::Client, options: Options, shared: Shared) -> Self {
+    pub fn new(client: kube::Client, options: Options, shared: Shared, grants: reflector::Store<WgtwoGrant>) -> Self {
         let recorder = recorder(client.clone());
         let memory = Memory::new(shared.metrics.clone());
-        Self { client, recorder, options, shared, memory }
+        Self { client, recorder, options, shared, memory, grants }
     }
 
     fn api_backoff(&self, key: &ObjectRef<WgtwoGrant>) -> Duration {
@@ -178,9 +180,9 @@ pub async fn run(
     let allowed: Vec<&str> = options.allowed_issuers.iter().map(AllowedIssuer::as_str).collect();
     info!(allowed_issuers = ?allowed, "credentials are sent only to these identity services");
     let concurrency = options.concurrency;
-    let ctx = Arc::new(Context::new(api_client, options, shared.clone()));
-    let watch_ctx = ctx.clone();
     let (store, writer) = reflector::store();
+    let ctx = Arc::new(Context::new(api_client, options, shared.clone(), store.clone()));
+    let watch_ctx = ctx.clone();
     let metrics = shared.metrics.clone();
     let reader = store.clone();
     // Set here rather than by Store::wait_until_ready, whose waker the Controller's own wait
@@ -283,11 +285,17 @@ async fn reconcile(grant: Arc<WgtwoGrant>, ctx: Arc<Context>) -> Result<Action, 
     let run = Run {
         grant: &grant,
         ctx: &ctx,
-        key,
+        key: key.clone(),
         secrets: Api::namespaced(ctx.client.clone(), &ns),
         grants: Api::namespaced(ctx.client.clone(), &ns),
     };
-    run.reconcile().await
+    let result = run.reconcile().await;
+    // Deleted while this reconcile ran: the watch has forgotten it already, and what this
+    // reconcile remembered must go too.
+    if ctx.grants.get(&key).is_none_or(|g| g.uid() != grant.uid()) {
+        ctx.memory.forget(&key);
+    }
+    result
 }
 
 impl Run<'_> {

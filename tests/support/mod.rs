@@ -242,6 +242,26 @@ impl Env {
         self.secret_value(&format!("{grant}-wgtwo-state"), "refresh_token").await
     }
 
+    /// Whether the grant's live refresh token is active at Hydra. A token the operator rotates between
+    /// the read and the introspection (Hydra revokes it a few ms before the operator writes its
+    /// successor) is read again; an inactive token that stays live for 3 s is lost.
+    pub async fn live_token_is_active(&self, grant: &str) -> bool {
+        'read: loop {
+            let live = self.live_refresh_token(grant).await.unwrap_or_default();
+            if self.active(&live).await {
+                return true;
+            }
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if self.live_refresh_token(grant).await.unwrap_or_default() != live {
+                    continue 'read;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            return false;
+        }
+    }
+
     pub async fn active(&self, token: &str) -> bool {
         self.hydra.introspect(token).await.unwrap()["active"] == true
     }
