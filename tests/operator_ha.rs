@@ -162,7 +162,7 @@ async fn sigterm_during_a_refresh_waits_for_the_answer_persists_the_rotated_toke
     let stub = FaultServer::start().await.unwrap();
     stub.push(Fault::Delay(Duration::from_secs(2)));
     env.create_grant("slow", "user-refresh-token", |s| s.issuer_url = stub.base_url().to_owned()).await;
-    let (mut operator, _) = env.start_operator_with(&[]);
+    let (mut operator, _) = env.start_operator_with(&["--allowed-issuer", stub.base_url()]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while stub.token_requests() == 0 {
         assert!(Instant::now() < deadline, "no token request");
