@@ -2,8 +2,8 @@
 //! names the field, what kubectl shows, and that RBAC is really enforced for ServiceAccounts.
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use kube::api::{Api, DynamicObject, ListParams, ObjectMeta, PostParams};
+use k8s_openapi::api::rbac::v1::PolicyRule;
+use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 use wgtwo_operator::api::WgtwoGrant;
@@ -134,7 +134,6 @@ async fn kubectl_shows_the_printer_columns_and_explains_every_field() {
 async fn service_account_has_exactly_the_rights_rbac_grants_it() {
     let cp = ControlPlane::start().await.unwrap();
     let ns = cp.create_namespace("team-a").await.unwrap();
-    let admin = cp.admin_client().await.unwrap();
     let (sa_client, kubeconfig) = cp.service_account_client(&ns, "reader").await.unwrap();
     assert!(kubeconfig.exists());
     let grants: Api<WgtwoGrant> = Api::namespaced(sa_client.clone(), &ns);
@@ -142,31 +141,13 @@ async fn service_account_has_exactly_the_rights_rbac_grants_it() {
     let forbidden = grants.list(&ListParams::default()).await.unwrap_err();
     assert!(matches!(&forbidden, kube::Error::Api(s) if s.code == 403), "{forbidden}");
 
-    let role = Role {
-        metadata: ObjectMeta { name: Some("grant-reader".into()), ..Default::default() },
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec!["auth.wgtwo.com".into()]),
-            resources: Some(vec!["wgtwogrants".into()]),
-            verbs: vec!["get".into(), "list".into()],
-            ..Default::default()
-        }]),
-    };
-    Api::<Role>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &role).await.unwrap();
-    let binding = RoleBinding {
-        metadata: ObjectMeta { name: Some("grant-reader".into()), ..Default::default() },
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "Role".into(),
-            name: "grant-reader".into(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: "reader".into(),
-            namespace: Some(ns.clone()),
-            ..Default::default()
-        }]),
-    };
-    Api::<RoleBinding>::namespaced(admin, &ns).create(&PostParams::default(), &binding).await.unwrap();
+    let rules = vec![PolicyRule {
+        api_groups: Some(vec!["auth.wgtwo.com".into()]),
+        resources: Some(vec!["wgtwogrants".into()]),
+        verbs: vec!["get".into(), "list".into()],
+        ..Default::default()
+    }];
+    cp.grant_service_account(&ns, "reader", "grant-reader", rules).await.unwrap();
 
     // RBAC changes reach the authorizer through an informer; allow it a moment.
     let mut listed = None;

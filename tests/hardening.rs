@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use support::{Env, NS, OPERATOR_NS, OPERATOR_SA, ttl};
 use wgtwo_operator::api::WgtwoGrant;
 
@@ -150,31 +150,13 @@ impl Drop for Silent {
 async fn a_grant_author_who_cannot_read_secrets_cannot_make_the_operator_send_one_to_their_server() {
     let mut env = Env::start(ttl(3600)).await;
     // Mallory may manage grants in the namespace, and nothing else.
-    let role = Role {
-        metadata: ObjectMeta { name: Some("grant-author".into()), ..Default::default() },
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec!["auth.wgtwo.com".into()]),
-            resources: Some(vec!["wgtwogrants".into()]),
-            verbs: ["get", "list", "watch", "create", "update", "patch"].map(String::from).to_vec(),
-            ..Default::default()
-        }]),
-    };
-    Api::<Role>::namespaced(env.kube.clone(), NS).create(&PostParams::default(), &role).await.unwrap();
-    let binding = RoleBinding {
-        metadata: ObjectMeta { name: Some("mallory".into()), ..Default::default() },
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "Role".into(),
-            name: "grant-author".into(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: "mallory".into(),
-            namespace: Some(NS.into()),
-            ..Default::default()
-        }]),
-    };
-    Api::<RoleBinding>::namespaced(env.kube.clone(), NS).create(&PostParams::default(), &binding).await.unwrap();
+    let rules = vec![PolicyRule {
+        api_groups: Some(vec!["auth.wgtwo.com".into()]),
+        resources: Some(vec!["wgtwogrants".into()]),
+        verbs: ["get", "list", "watch", "create", "update", "patch"].map(String::from).to_vec(),
+        ..Default::default()
+    }];
+    env.cp.grant_service_account(NS, "mallory", "grant-author", rules).await.unwrap();
     let (mallory, _) = env.cp.service_account_client(NS, "mallory").await.unwrap();
     env.put_secret("db", &[("password", "the-database-password")]).await;
     let as_mallory: Api<Secret> = Api::namespaced(mallory.clone(), NS);

@@ -10,6 +10,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -199,6 +200,37 @@ impl ControlPlane {
         let path = self.dir.path().join(format!("sa-{namespace}-{name}.kubeconfig"));
         std::fs::write(&path, kubeconfig_yaml(&self.url, &self.ca_pem, Credentials::Token(&token)))?;
         Ok((client_from_kubeconfig(&path).await?, path))
+    }
+
+    /// Gives the ServiceAccount `namespace/service_account` exactly `rules` in its namespace (a Role
+    /// and a RoleBinding named `role`).
+    pub async fn grant_service_account(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        role: &str,
+        rules: Vec<PolicyRule>,
+    ) -> anyhow::Result<()> {
+        let admin = self.admin_client().await?;
+        let meta = ObjectMeta { name: Some(role.to_owned()), ..Default::default() };
+        let role_object = Role { metadata: meta.clone(), rules: Some(rules) };
+        Api::<Role>::namespaced(admin.clone(), namespace).create(&PostParams::default(), &role_object).await?;
+        let binding = RoleBinding {
+            metadata: meta,
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                kind: "Role".into(),
+                name: role.to_owned(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: service_account.to_owned(),
+                namespace: Some(namespace.to_owned()),
+                ..Default::default()
+            }]),
+        };
+        Api::<RoleBinding>::namespaced(admin, namespace).create(&PostParams::default(), &binding).await?;
+        Ok(())
     }
 
     /// Server-side applies every CRD in `dir` and waits until each is Established.
