@@ -47,7 +47,7 @@ struct RunArgs {
     /// An identity service the operator may send credentials to (repeat for several). A grant whose
     /// issuerUrl is not listed is refused (IssuerNotAllowed) before any of its Secrets is read, so a
     /// grant cannot make the operator send a Secret to a server of the grant author's choosing.
-    #[arg(long = "allowed-issuer", default_value = wgtwo_operator::api::DEFAULT_ISSUER_URL, value_parser = parse_issuer)]
+    #[arg(long = "allowed-issuer", default_value = wgtwo_operator::api::DEFAULT_ISSUER_URL, value_parser = AllowedIssuer::parse)]
     allowed_issuers: Vec<AllowedIssuer>,
     /// Reconciles running at once (0: unbounded). Each holds at most one refresh answer that is not
     /// yet written, so this also bounds what a crash can lose.
@@ -120,10 +120,6 @@ struct AuthorizeArgs {
     /// Extra CA certificates (PEM) to trust for the identity service.
     #[arg(long)]
     ca_bundle: Option<PathBuf>,
-}
-
-fn parse_issuer(s: &str) -> Result<AllowedIssuer, String> {
-    AllowedIssuer::parse(s)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

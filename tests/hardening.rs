@@ -65,7 +65,9 @@ async fn a_kept_answer_survives_failing_secret_reads_and_writes_over_several_ref
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
 
     for cycle in 0..3 {
-        // Writes fail: the next due refresh gets an answer that cannot be written.
+        // Writes fail: the next due refresh gets an answer that cannot be written. Counted from a
+        // moment with no refresh in flight (the recovered answer of the last cycle is due at once).
+        env.wait_quiet(&["alice".to_owned()], Duration::from_secs(2)).await;
         let requests = env.hydra.token_requests();
         let failures = log_count(&operator, "could not persist the rotated refresh token");
         operator_secret_verbs(&env, &["get", "list", "watch", "create"]).await;
@@ -73,7 +75,11 @@ async fn a_kept_answer_survives_failing_secret_reads_and_writes_over_several_ref
         while env.hydra.token_requests() == requests
             || log_count(&operator, "could not persist the rotated refresh token") == failures
         {
-            assert!(Instant::now() < deadline, "cycle {cycle}: no refresh with a failed write");
+            assert!(
+                Instant::now() < deadline,
+                "cycle {cycle}: no refresh with a failed write; log:\n{}",
+                operator.log_tail(25)
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // Nothing can change the state Secret now.

@@ -435,21 +435,18 @@ impl Run<'_> {
         let received = Instant::now();
         // Kept before anything else can fail or wait: from here on the rotated refresh token is
         // removed only once the state Secret holds it.
-        let tokens = match result {
-            Ok(tokens) => {
-                let pending = Pending {
-                    refresh_token: tokens.refresh_token.clone().unwrap_or(chosen.refresh_token.clone()),
-                    source: chosen.source.clone(),
-                    tokens,
-                    refreshed_at: whole_seconds(Timestamp::now()),
-                    received,
-                    persisted: false,
-                };
-                self.ctx.memory.keep(&self.key, pending.clone());
-                Ok(pending)
-            }
-            Err(err) => Err(err),
-        };
+        let tokens = result.map(|tokens| {
+            let pending = Pending {
+                refresh_token: tokens.refresh_token.clone().unwrap_or_else(|| chosen.refresh_token.clone()),
+                source: chosen.source.clone(),
+                tokens,
+                refreshed_at: whole_seconds(Timestamp::now()),
+                received,
+                persisted: false,
+            };
+            self.ctx.memory.keep(&self.key, pending.clone());
+            pending
+        });
         let outcome = match &tokens {
             Ok(_) => metrics::result::SUCCESS,
             Err(e) if e.class() == ErrorClass::Permanent => metrics::result::REJECTED,
