@@ -36,9 +36,21 @@ pub struct Pending {
     pub persisted: bool,
 }
 
+/// The last failed token request as this process wrote it to the status; the watch cache can show
+/// an older status for a moment after that write.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Failure {
+    pub attempts: u32,
+    pub failed_at: Timestamp,
+    pub next_attempt: Timestamp,
+    /// The grant generation it applies to (a spec change starts over).
+    pub generation: Option<i64>,
+}
+
 #[derive(Default)]
 struct GrantMemory {
     pending: Option<Pending>,
+    failure: Option<Failure>,
     api_backoff: Option<ExponentialBackoff>,
     /// Key of the OAuth client this grant used last.
     client: Option<String>,
@@ -80,13 +92,26 @@ impl Memory {
         self.update_gauges(&grants);
     }
 
-    /// The kept answer is fully published (state, target, status): forget it.
+    /// The kept answer is fully published (state, target, status): forget it, and any failure.
     pub fn published(&self, key: &ObjectRef<WgtwoGrant>) {
         let mut grants = self.grants.lock().unwrap();
         if let Some(m) = grants.get_mut(key) {
             m.pending = None;
+            m.failure = None;
         }
         self.update_gauges(&grants);
+    }
+
+    /// A failed token request was recorded in the status.
+    pub fn failed(&self, key: &ObjectRef<WgtwoGrant>, failure: Failure) {
+        let mut grants = self.grants.lock().unwrap();
+        grants.entry(key.clone()).or_default().failure = Some(failure);
+        self.update_gauges(&grants);
+    }
+
+    /// The last failure this process recorded for the grant at `generation`.
+    pub fn failure(&self, key: &ObjectRef<WgtwoGrant>, generation: Option<i64>) -> Option<Failure> {
+        self.grants.lock().unwrap().get(key).and_then(|m| m.failure).filter(|f| f.generation == generation)
     }
 
     /// Grants (`namespace/name`) whose rotated refresh token is held only here (lost if the
@@ -253,6 +278,18 @@ mod tests {
         );
         memory.published(&key("a"));
         assert!(memory.pending(&key("a")).is_none());
+    }
+
+    #[test]
+    fn a_recorded_failure_applies_to_its_generation_until_a_publish() {
+        let memory = Memory::new(Metrics::new());
+        let at = Timestamp::from_second(1_700_000_000).unwrap();
+        let failure = Failure { attempts: 3, failed_at: at, next_attempt: at, generation: Some(2) };
+        memory.failed(&key("a"), failure);
+        assert_eq!(memory.failure(&key("a"), Some(2)), Some(failure));
+        assert_eq!(memory.failure(&key("a"), Some(3)), None, "a spec change starts over");
+        memory.published(&key("a"));
+        assert_eq!(memory.failure(&key("a"), Some(2)), None, "a success ends the failures");
     }
 
     fn fake_client(issuer: &str) -> impl Future<Output = Result<WgtwoClient, OAuthError>> {

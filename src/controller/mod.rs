@@ -38,7 +38,7 @@ use tracing::{debug, error, info, instrument, warn};
 
 use self::issuers::AllowedIssuer;
 use self::lineage::RefreshState;
-use self::memory::{Memory, Pending};
+use self::memory::{Failure, Memory, Pending};
 use self::schedule::{Decision, Observed, RefreshReason};
 use self::status::reason;
 use crate::api::{ANNOTATION_REFRESH_REQUESTED, DEFAULT_ISSUER_URL, WgtwoGrant, WgtwoGrantStatus};
@@ -374,7 +374,7 @@ impl Run<'_> {
             refresh_requested: requested.is_some() && requested != handled,
             refresh_before: self.refresh_before(),
             jitter_seed: self.jitter_seed(),
-            retry_not_before: status::retry_not_before(self.grant.status.as_ref(), self.grant.metadata.generation),
+            retry_not_before: self.retry_not_before(),
         });
         match decision {
             Decision::WaitUntil(at) => {
@@ -582,7 +582,7 @@ impl Run<'_> {
         let still_valid = valid
             .map(|t| format!(" The published access token stays valid until {}.", t.expires_at))
             .unwrap_or_else(|| " No valid access token is published.".into());
-        let attempts = self.grant.status.as_ref().and_then(|s| s.failed_attempts).unwrap_or(0).saturating_add(1);
+        let attempts = self.failed_attempts().saturating_add(1);
         let failed_at = Time(whole_seconds(now));
         if err.class() == ErrorClass::Permanent {
             let (why, advice) = self.permanent_advice(&err);
@@ -631,7 +631,32 @@ impl Run<'_> {
             s.next_refresh_time = Some(Time(next_attempt));
         })
         .await?;
+        let generation = self.grant.metadata.generation;
+        self.ctx.memory.failed(&self.key, Failure { attempts, failed_at: failed_at.0, next_attempt, generation });
         Ok(Action::requeue(until(Timestamp::now(), next_attempt)))
+    }
+
+    /// The backoff after failed attempts: the status keeps it across restarts and leaders; this
+    /// process's own last write covers the moment the cached status is older than that write.
+    fn retry_not_before(&self) -> Option<Timestamp> {
+        let stored = status::retry_not_before(self.grant.status.as_ref(), self.grant.metadata.generation);
+        stored.max(self.own_failure().map(|f| f.next_attempt))
+    }
+
+    /// Failed token requests in a row, by the same two sources.
+    fn failed_attempts(&self) -> u32 {
+        let stored = self.grant.status.as_ref().and_then(|s| s.failed_attempts).unwrap_or(0);
+        stored.max(self.own_failure().map_or(0, |f| f.attempts))
+    }
+
+    /// This process's last recorded failure, unless the status shows a refresh since (e.g. by
+    /// another leader).
+    fn own_failure(&self) -> Option<Failure> {
+        let refreshed = self.grant.status.as_ref().and_then(|s| s.last_refresh_time.as_ref()).map(|t| t.0);
+        self.ctx
+            .memory
+            .failure(&self.key, self.grant.metadata.generation)
+            .filter(|f| refreshed.is_none_or(|r| r < f.failed_at))
     }
 
     fn permanent_advice(&self, err: &OAuthError) -> (&'static str, String) {
