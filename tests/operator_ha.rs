@@ -1,11 +1,13 @@
 //! Two replicas on one Lease, against a real apiserver and a real Hydra without a rotation grace
-//! period: Hydra refuses (invalid_grant) any refresh token presented a second time, so "every token
-//! request Hydra saw succeeded" proves that no refresh token was presented twice.
+//! period. Hydra refuses (invalid_grant) a refresh token presented a second time only when the two
+//! requests do not overlap, so the tests also put a recording proxy in front of Hydra that sees
+//! every refresh token presented and proves directly that none was presented twice.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
+use kube::api::{Patch, PatchParams};
 use support::{Env, OPERATOR_NS, metric, scrape};
 use wgtwo_testenv::process::ChildGuard;
 use wgtwo_testenv::{Fault, FaultServer, HydraOptions};
@@ -52,7 +54,9 @@ async fn lease_holder(env: &Env) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn across_pause_and_kill_failovers_exactly_one_replica_refreshes_and_no_refresh_token_is_presented_twice() {
-    let mut env = Env::start(HydraOptions { access_token_ttl: Duration::from_secs(20), ..Default::default() }).await;
+    let options =
+        HydraOptions { access_token_ttl: Duration::from_secs(20), recording_proxy: true, ..Default::default() };
+    let mut env = Env::start(options).await;
     let grants: Vec<String> = (0..3).map(|i| format!("grant-{i}")).collect();
     for g in &grants {
         env.create_authorized_grant(g).await;
@@ -126,10 +130,105 @@ async fn across_pause_and_kill_failovers_exactly_one_replica_refreshes_and_no_re
     println!("Hydra saw {total_requests} token requests; the replicas sent {counted}, {refused} refused");
     assert_eq!(refused, 0.0, "a refresh token was refused");
     assert_eq!(total_requests as f64, counted, "token requests no replica accounts for");
+    let reused = env.hydra.recording_proxy().refresh_tokens_presented_twice();
+    assert!(reused.is_empty(), "{reused:#?}");
     for g in &grants {
         env.wait_ready(g, "True", "Refreshed", Duration::from_secs(5)).await;
         let live = env.live_refresh_token(g).await.unwrap();
         assert!(env.active(&live).await, "{g}: the persisted refresh token is no longer active");
+    }
+}
+
+/// Many grants refreshing at once, their answers held back 1 s at the proxy so that up to
+/// `--concurrency` token requests overlap, and the leader handed over (SIGTERM) twice while answers
+/// are in flight: no refresh token is presented twice, each grant is refreshed exactly once per
+/// request, and every persisted refresh token is live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_concurrent_token_requests_and_handovers_while_answers_are_in_flight_no_refresh_token_is_presented_twice()
+{
+    const GRANTS: usize = 24;
+    const ROUNDS: usize = 2;
+    const NAMES: [&str; 2 + ROUNDS] = ["A", "B", "C", "D"];
+    // One-hour tokens: the only refreshes are the first one and the requested ones.
+    let mut env = Env::start(HydraOptions { recording_proxy: true, ..Default::default() }).await;
+    let grants: Vec<String> = (0..GRANTS).map(|i| format!("grant-{i}")).collect();
+    for g in &grants {
+        env.create_authorized_grant(g).await;
+    }
+    env.hydra.recording_proxy().hold_token_answers(Duration::from_secs(1));
+
+    let (process, port) = env.start_operator_with(&[]);
+    let mut leader = Replica { name: NAMES[0], process, port };
+    leader.wait_leads(Duration::from_secs(10)).await;
+    let (process, port) = env.start_operator_with(&[]);
+    let mut standby = Replica { name: NAMES[1], process, port };
+    for g in &grants {
+        env.wait_ready(g, "True", "Refreshed", Duration::from_secs(60)).await;
+    }
+
+    for round in 1..=ROUNDS {
+        let request = format!("round-{round}");
+        let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": request}}});
+        for g in &grants {
+            env.grants().patch(g, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while env.hydra.recording_proxy().token_requests_in_flight() < 4 {
+            assert!(Instant::now() < deadline, "round {round}: token requests did not overlap");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let in_flight = env.hydra.recording_proxy().token_requests_in_flight();
+        let start = Instant::now();
+        // Blocks this worker thread; the proxy's tasks move to the other.
+        let status = tokio::task::block_in_place(|| leader.process.terminate(Duration::from_secs(15))).unwrap();
+        assert!(status.success(), "{}: {status}", leader.name);
+        let exited = start.elapsed();
+        let takeover = standby.wait_leads(RENEW * 4).await;
+        println!(
+            "round {round}: SIGTERM to {} with {in_flight} answers in flight; it exited after {:.2}s, {} led {:.2}s later",
+            leader.name,
+            exited.as_secs_f64(),
+            standby.name,
+            takeover.as_secs_f64()
+        );
+        let (process, port) = env.start_operator_with(&[]);
+        leader = std::mem::replace(&mut standby, Replica { name: NAMES[round + 1], process, port });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for g in &grants {
+            while env.status(g).await.and_then(|s| s.refresh_request_handled).as_deref() != Some(request.as_str()) {
+                let reused = env.hydra.recording_proxy().refresh_tokens_presented_twice();
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: {g} did not act on the refresh request; {reused:#?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            env.wait_ready(g, "True", "Refreshed", Duration::from_secs(10)).await;
+        }
+    }
+
+    let proxy = env.hydra.recording_proxy();
+    let presented = proxy.presentations();
+    let accepted = presented.iter().filter(|p| p.answered.is_some_and(|(_, s)| (200..300).contains(&s))).count();
+    // Hydra on SQLite answers some concurrent requests with a 500 (database locked); those are retried.
+    let mut answers = std::collections::BTreeMap::<(Option<u16>, Option<String>), usize>::new();
+    for p in &presented {
+        *answers.entry((p.answered.map(|(_, s)| s), p.error.clone())).or_default() += 1;
+    }
+    println!(
+        "{} refresh tokens presented, up to {} token requests in flight at once; Hydra's answers:",
+        presented.len(),
+        proxy.max_token_requests_in_flight()
+    );
+    for ((status, error), n) in &answers {
+        println!("  {n} x {status:?} {}", error.as_deref().unwrap_or(""));
+    }
+    let reused = proxy.refresh_tokens_presented_twice();
+    assert!(reused.is_empty(), "{reused:#?}");
+    assert!(proxy.max_token_requests_in_flight() >= 8, "token requests did not overlap");
+    assert_eq!(accepted, GRANTS * (1 + ROUNDS), "each grant is refreshed once at start and once per request");
+    for g in &grants {
+        assert!(env.live_token_is_active(g).await, "{g}: the persisted refresh token is no longer active");
     }
 }
 

@@ -15,6 +15,7 @@ use url::Url;
 
 use crate::certs::TestCa;
 use crate::process::{ChildGuard, wait_until};
+use crate::recording_proxy::RecordingProxy;
 use crate::{binaries, free_port};
 
 /// Token lifetimes and other knobs of a Hydra instance.
@@ -29,6 +30,9 @@ pub struct HydraOptions {
     /// `oauth2.grant.refresh_token.rotation_grace_period`: how long a used refresh token stays
     /// valid (Hydra's default, and wgtwo's as far as we know: zero).
     pub refresh_token_grace_period: Duration,
+    /// Put a [`RecordingProxy`] in front of the public endpoint (Hydra's issuer and public URLs name
+    /// the proxy), so a test can see every refresh token presented and hold answers back.
+    pub recording_proxy: bool,
 }
 
 impl Default for HydraOptions {
@@ -40,6 +44,7 @@ impl Default for HydraOptions {
             id_token_ttl: Duration::from_secs(3600),
             persistent: false,
             refresh_token_grace_period: Duration::ZERO,
+            recording_proxy: false,
         }
     }
 }
@@ -102,6 +107,7 @@ pub struct Hydra {
     admin: Url,
     ca_pem: String,
     http: reqwest::Client,
+    proxy: Option<RecordingProxy>,
     _dir: tempfile::TempDir,
 }
 
@@ -109,7 +115,13 @@ impl Hydra {
     pub async fn start(options: HydraOptions) -> anyhow::Result<Self> {
         let dir = crate::temp_dir("wgtwo-hydra-")?;
         let (public_port, admin_port) = (free_port(), free_port());
-        let public = Url::parse(&format!("https://127.0.0.1:{public_port}/"))?;
+        let proxy_listener =
+            if options.recording_proxy { Some(std::net::TcpListener::bind("127.0.0.1:0")?) } else { None };
+        let public_port_seen = match &proxy_listener {
+            Some(listener) => listener.local_addr()?.port(),
+            None => public_port,
+        };
+        let public = Url::parse(&format!("https://127.0.0.1:{public_port_seen}/"))?;
         // The admin API stays plain http on loopback: only the test driver talks to it.
         let admin = Url::parse(&format!("http://127.0.0.1:{admin_port}/"))?;
         let ca = TestCa::new("wgtwo-testenv-hydra-ca")?;
@@ -133,7 +145,15 @@ impl Hydra {
         }
         let ca_pem = ca.pem();
         let http = client_trusting(&ca_pem, false)?;
-        let mut hydra = Self { child: None, config, starts: 0, public, admin, ca_pem, http, _dir: dir };
+        let proxy = match proxy_listener {
+            Some(listener) => {
+                let upstream = Url::parse(&format!("https://127.0.0.1:{public_port}/"))?;
+                let forwarding = client_trusting(&ca_pem, false)?;
+                Some(RecordingProxy::start(listener, &serving.cert_pem, &serving.key_pem, upstream, forwarding)?)
+            }
+            None => None,
+        };
+        let mut hydra = Self { child: None, config, starts: 0, public, admin, ca_pem, http, proxy, _dir: dir };
         hydra.restart().await?;
         Ok(hydra)
     }
@@ -204,6 +224,11 @@ impl Hydra {
 
     pub fn admin_url(&self) -> &Url {
         &self.admin
+    }
+
+    /// The proxy in front of the public endpoint; only with [`HydraOptions::recording_proxy`].
+    pub fn recording_proxy(&self) -> &RecordingProxy {
+        self.proxy.as_ref().expect("started with HydraOptions::recording_proxy")
     }
 
     /// The running server process.

@@ -9,11 +9,13 @@ pub mod control_plane;
 pub mod fault_server;
 pub mod hydra;
 pub mod process;
+pub mod recording_proxy;
 pub mod tcp_proxy;
 
 pub use control_plane::ControlPlane;
 pub use fault_server::{Fault, FaultServer, TokenRequest};
 pub use hydra::{Callback, Hydra, HydraOptions, OAuthClient, Subscriber};
+pub use recording_proxy::RecordingProxy;
 pub use tcp_proxy::TcpProxy;
 
 use std::net::TcpListener;
