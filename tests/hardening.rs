@@ -405,3 +405,50 @@ async fn kubernetes_api_connections_that_go_silent_do_not_stall_the_operator() {
         assert!(env.live_token_is_active("alice").await, "round {round}: the live refresh token is not active");
     }
 }
+
+/// After Hydra rotates its ID-token signing key (admin API), the operator keeps refreshing every
+/// grant without a restart. A grant authorized after the rotation has its ID tokens verified at
+/// once: the client fetches the issuer's keys again when an ID token names one it has not seen. A
+/// grant authorized before keeps its tokens and phone number flowing even though Hydra v2.3 gives
+/// that chain ID tokens that name the old key but are signed with the new one (ory/hydra#3573):
+/// those get a Warning Event, never a lost grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_hydra_rotates_its_id_token_signing_key_the_operator_verifies_with_the_new_key_and_keeps_refreshing() {
+    const NOT_VERIFIED: &str = "IdTokenNotVerified";
+    let mut env = Env::start(ttl(8)).await;
+    env.create_authorized_grant("before").await;
+    let (_operator, port) = env.start_operator_with(&[]);
+    env.wait_ready("before", "True", "Refreshed", Duration::from_secs(30)).await;
+    assert!(!env.events("before").await.iter().any(|(r, _)| r == NOT_VERIFIED));
+
+    let kid = env.hydra.rotate_id_token_signing_key().await.unwrap();
+    // Only the operator's client, discovered before the rotation, is under test here.
+    env.rediscover_test_client().await;
+    env.create_authorized_grant("after").await;
+    let successes = |scrape: &str, g: &str| {
+        support::metric(scrape, "wgtwo_grant_refresh_total", &[("name", g), ("result", "success")])
+    };
+    let before_at_rotation = successes(&support::scrape(port).await, "before");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let scrape = support::scrape(port).await;
+        if successes(&scrape, "after") >= 2.0 && successes(&scrape, "before") >= before_at_rotation + 2.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the grants did not refresh twice after the rotation");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let after_events = env.events("after").await;
+    assert!(
+        !after_events.iter().any(|(r, _)| r == NOT_VERIFIED),
+        "the ID tokens signed with the new key {kid} were not verified: {after_events:?}"
+    );
+    let before_warnings = env.events("before").await.into_iter().filter(|(r, _)| r == NOT_VERIFIED).count();
+    println!("rotated to {kid}; IdTokenNotVerified Events for the chain from before the rotation: {before_warnings}");
+    for g in ["before", "after"] {
+        env.wait_ready(g, "True", "Refreshed", Duration::from_secs(5)).await;
+        assert!(env.live_token_is_active(g).await, "{g}: the persisted refresh token is no longer active");
+        assert_eq!(env.secret_value(&format!("{g}-token"), "phone_number").await.as_deref(), Some("+4799999999"));
+    }
+}

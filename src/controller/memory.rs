@@ -176,14 +176,6 @@ impl Memory {
         cell.get_or_try_init(|| async { discover().await.map(Arc::new) }).await.cloned()
     }
 
-    /// Drops a cached client so that its next use rediscovers the issuer (e.g. its keys rotated).
-    pub fn rediscover(&self, client_key: &str) {
-        let grants = self.grants.lock().unwrap();
-        let mut clients = self.clients.lock().unwrap();
-        clients.remove(client_key);
-        self.update_gauges_with(&grants, &clients);
-    }
-
     /// Forgets a grant that was deleted, and the clients only it used.
     pub fn forget(&self, key: &ObjectRef<WgtwoGrant>) {
         let mut grants = self.grants.lock().unwrap();

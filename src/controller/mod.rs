@@ -459,14 +459,19 @@ impl Run<'_> {
             Ok(pending) => pending,
             Err(err) => return self.refresh_failed(err, chosen, fingerprint, state_secret.as_ref(), published).await,
         };
-        if let Some(problem) = &pending.tokens.id_token_error {
-            // The tokens are good; only the ID token is not. Rediscover keys next time.
-            warn!(problem = %problem, "ID token of the refresh answer failed verification");
-            self.ctx.memory.rediscover(&client_key);
-        }
+        // The tokens are good; only the ID token is not (the client already fetched the issuer's
+        // keys again if it named an unknown one). Publish first: the rotated refresh token must not wait.
+        let id_token_problem = pending.tokens.id_token_error.clone();
         let next = self.publish(pending, state_secret.as_ref(), target_secret.as_ref(), Some(&client)).await?;
         self.ctx.memory.reset_api_backoff(&self.key);
         self.event(EventType::Normal, reason::REFRESHED, format!("Access token refreshed: {}", why.as_str())).await;
+        if let Some(problem) = id_token_problem {
+            warn!(problem = %problem, "ID token of the refresh answer failed verification");
+            let note = format!(
+                "The ID token of the refresh answer failed verification ({problem}); the new tokens were kept, and no claim was taken from it"
+            );
+            self.event(EventType::Warning, reason::ID_TOKEN_NOT_VERIFIED, note).await;
+        }
         Ok(Action::requeue(until(Timestamp::now(), next)))
     }
 

@@ -24,6 +24,8 @@ pub mod reason {
     pub const STATE_CONFLICT: &str = "StateConflict";
     pub const ISSUER_NOT_ALLOWED: &str = "IssuerNotAllowed";
     pub const PERSIST_FAILED: &str = "PersistFailed";
+    /// A refresh answer's ID token failed verification (Events only: the tokens were kept).
+    pub const ID_TOKEN_NOT_VERIFIED: &str = "IdTokenNotVerified";
     /// A request to the Kubernetes API failed (metrics only).
     pub const KUBERNETES_API: &str = "KubernetesAPIError";
 }

@@ -2,20 +2,21 @@
 //! discovery, the authorization URL, code exchange, refresh, client credentials, userinfo and
 //! revocation, with ID tokens verified (the official SDK only decodes them).
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use jiff::Timestamp;
 use openidconnect::core::{
     CoreAuthDisplay, CoreAuthPrompt, CoreAuthenticationFlow, CoreClaimName, CoreClaimType, CoreClient,
-    CoreClientAuthMethod, CoreGenderClaim, CoreGrantType, CoreIdTokenClaims, CoreJsonWebKey,
-    CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm, CoreResponseMode, CoreResponseType,
-    CoreRevocableToken, CoreSubjectIdentifierType, CoreTokenResponse,
+    CoreClientAuthMethod, CoreGenderClaim, CoreGrantType, CoreIdToken, CoreIdTokenClaims, CoreJsonWebKey,
+    CoreJsonWebKeySet, CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm, CoreResponseMode,
+    CoreResponseType, CoreRevocableToken, CoreSubjectIdentifierType, CoreTokenResponse,
 };
 use openidconnect::{
-    AccessTokenHash, AdditionalProviderMetadata, ClientId, DiscoveryError, EmptyAdditionalClaims, EndpointMaybeSet,
-    EndpointNotSet, EndpointSet, IssuerUrl, NonceVerifier, OAuth2TokenResponse, PkceCodeChallenge, ProviderMetadata,
-    RedirectUrl, RequestTokenError, RevocationUrl, Scope, StandardErrorResponse, TokenResponse, UserInfoClaims,
-    UserInfoError,
+    AccessTokenHash, AdditionalProviderMetadata, ClaimsVerificationError, ClientId, DiscoveryError,
+    EmptyAdditionalClaims, EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl, NonceVerifier,
+    OAuth2TokenResponse, PkceCodeChallenge, ProviderMetadata, RedirectUrl, RequestTokenError, RevocationUrl, Scope,
+    SignatureVerificationError, StandardErrorResponse, TokenResponse, UserInfoClaims, UserInfoError,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{debug, instrument};
@@ -94,10 +95,42 @@ pub struct UserInfo {
 }
 
 pub struct WgtwoClient {
-    oidc: Oidc,
+    /// Replaced (with new signing keys) when an ID token names a key the client has not seen.
+    oidc: RwLock<Arc<Oidc>>,
+    /// What discovery said, to rebuild `oidc` with new keys.
+    metadata: Metadata,
+    settings: OidcSettings,
+    /// One fetch of the issuer's keys at a time (per client, so per issuer).
+    key_fetch: tokio::sync::Mutex<()>,
     http: HttpClient,
     issuer: String,
     client_id: String,
+}
+
+/// How this client is set up on top of the discovery document.
+#[derive(Clone)]
+struct OidcSettings {
+    client_id: ClientId,
+    client_secret: ClientSecret,
+    revocation: RevocationUrl,
+    redirect: Option<RedirectUrl>,
+}
+
+fn build_oidc(metadata: Metadata, settings: &OidcSettings) -> Oidc {
+    let oidc =
+        CoreClient::from_provider_metadata(metadata, settings.client_id.clone(), Some(settings.client_secret.clone()))
+            .set_revocation_url(settings.revocation.clone());
+    match &settings.redirect {
+        Some(redirect) => oidc.set_redirect_uri(redirect.clone()),
+        None => oidc,
+    }
+}
+
+/// Why an ID token did not verify.
+struct Unverified {
+    message: String,
+    /// It names (or, without a kid, needs) a signing key the client does not have.
+    unknown_key: bool,
 }
 
 impl std::fmt::Debug for WgtwoClient {
@@ -123,18 +156,34 @@ impl WgtwoClient {
             message: format!("revocation_endpoint: {e}"),
             class: ErrorClass::Permanent,
         })?;
-        let mut oidc = CoreClient::from_provider_metadata(
-            metadata,
-            ClientId::new(config.client_id.clone()),
-            Some(config.client_secret),
-        )
-        .set_revocation_url(revocation);
-        if let Some(redirect) = config.redirect_uri {
-            let url = RedirectUrl::new(redirect).map_err(|e| OAuthError::Invalid(format!("redirect URI: {e}")))?;
-            oidc = oidc.set_redirect_uri(url);
-        }
+        let redirect = match config.redirect_uri {
+            Some(redirect) => {
+                Some(RedirectUrl::new(redirect).map_err(|e| OAuthError::Invalid(format!("redirect URI: {e}")))?)
+            }
+            None => None,
+        };
+        let settings = OidcSettings {
+            client_id: ClientId::new(config.client_id.clone()),
+            client_secret: config.client_secret,
+            revocation,
+            redirect,
+        };
+        let oidc = RwLock::new(Arc::new(build_oidc(metadata.clone(), &settings)));
         debug!(%issuer, "discovered issuer");
-        Ok(Self { oidc, http, issuer, client_id: config.client_id })
+        Ok(Self {
+            oidc,
+            metadata,
+            settings,
+            key_fetch: tokio::sync::Mutex::new(()),
+            http,
+            issuer,
+            client_id: config.client_id,
+        })
+    }
+
+    /// The openidconnect client with the newest signing keys.
+    fn oidc(&self) -> Arc<Oidc> {
+        self.oidc.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The issuer as its discovery document names it (wgtwo's ends with a slash).
@@ -149,7 +198,7 @@ impl WgtwoClient {
     /// Builds the URL to send the subscriber's browser to. `openid` is always requested (this is an
     /// OpenID Connect flow: the ID token tells who authorized), and PKCE S256 protects the code.
     pub fn authorization_url(&self, request: AuthorizationRequest) -> Result<PendingAuthorization, OAuthError> {
-        if self.oidc.redirect_uri().is_none() {
+        if self.oidc().redirect_uri().is_none() {
             return Err(OAuthError::Invalid("the authorization code flow needs a redirect URI".into()));
         }
         let state = match request.state {
@@ -161,8 +210,8 @@ impl WgtwoClient {
         };
         let nonce = request.nonce.map(Nonce::new).unwrap_or_else(Nonce::new_random);
         let (state_for_url, nonce_for_url) = (state.clone(), nonce.clone());
-        let mut builder = self
-            .oidc
+        let oidc = self.oidc();
+        let mut builder = oidc
             .authorize_url(CoreAuthenticationFlow::AuthorizationCode, move || state_for_url, move || nonce_for_url)
             .add_scopes(request.scope.into_iter().filter(|s| s != "openid").map(Scope::new));
         builder = match request.prompt {
@@ -192,13 +241,14 @@ impl WgtwoClient {
         pending: PendingAuthorization,
     ) -> Result<TokenSet, OAuthError> {
         const OP: &str = "code exchange";
-        let mut request = self.oidc.exchange_code(code).map_err(|e| OAuthError::Invalid(format!("{OP}: {e}")))?;
+        let oidc = self.oidc();
+        let mut request = oidc.exchange_code(code).map_err(|e| OAuthError::Invalid(format!("{OP}: {e}")))?;
         if let Some(verifier) = pending.pkce_verifier {
             request = request.set_pkce_verifier(verifier);
         }
         let response = request.request_async(&self.http).await.map_err(|e| request_error(OP, e))?;
         let mut tokens = token_set(&response, Timestamp::now());
-        let id_token = self.verify_id_token(OP, &response, &pending.nonce)?;
+        let id_token = self.verify_id_token(OP, &response, &pending.nonce).await?;
         tokens.id_token = Some(id_token.ok_or_else(|| OAuthError::IdToken {
             operation: OP,
             message: "the response has no ID token although openid was requested".into(),
@@ -213,15 +263,16 @@ impl WgtwoClient {
     #[instrument(skip_all, fields(issuer = %self.issuer))]
     pub async fn refresh(&self, refresh_token: &RefreshToken, scope: Option<&str>) -> Result<TokenSet, OAuthError> {
         const OP: &str = "refresh";
+        let oidc = self.oidc();
         let mut request =
-            self.oidc.exchange_refresh_token(refresh_token).map_err(|e| OAuthError::Invalid(format!("{OP}: {e}")))?;
+            oidc.exchange_refresh_token(refresh_token).map_err(|e| OAuthError::Invalid(format!("{OP}: {e}")))?;
         if let Some(scope) = scope {
             request = request.add_scopes(scope.split_whitespace().map(|s| Scope::new(s.to_owned())));
         }
         let response = request.request_async(&self.http).await.map_err(|e| request_error(OP, e))?;
         let mut tokens = token_set(&response, Timestamp::now());
         // A refreshed ID token carries no new nonce to check (OpenID Connect Core 12.2).
-        match self.verify_id_token(OP, &response, |_: Option<&Nonce>| Ok(())) {
+        match self.verify_id_token(OP, &response, |_: Option<&Nonce>| Ok(())).await {
             Ok(id_token) => tokens.id_token = id_token,
             Err(err) => tokens.id_token_error = Some(err.to_string()),
         }
@@ -233,8 +284,8 @@ impl WgtwoClient {
     #[instrument(skip_all, fields(issuer = %self.issuer))]
     pub async fn client_credentials(&self, scope: Option<&str>) -> Result<TokenSet, OAuthError> {
         const OP: &str = "client credentials";
-        let mut request =
-            self.oidc.exchange_client_credentials().map_err(|e| OAuthError::Invalid(format!("{OP}: {e}")))?;
+        let oidc = self.oidc();
+        let mut request = oidc.exchange_client_credentials().map_err(|e| OAuthError::Invalid(format!("{OP}: {e}")))?;
         if let Some(scope) = scope {
             request = request.add_scopes(scope.split_whitespace().map(|s| Scope::new(s.to_owned())));
         }
@@ -246,8 +297,9 @@ impl WgtwoClient {
     #[instrument(skip_all, fields(issuer = %self.issuer))]
     pub async fn userinfo(&self, access_token: &AccessToken) -> Result<UserInfo, OAuthError> {
         const OP: &str = "userinfo";
+        let oidc = self.oidc();
         let request =
-            self.oidc.user_info(access_token.clone(), None).map_err(|e| OAuthError::Invalid(format!("{OP}: {e}")))?;
+            oidc.user_info(access_token.clone(), None).map_err(|e| OAuthError::Invalid(format!("{OP}: {e}")))?;
         let claims: UserInfoClaims<EmptyAdditionalClaims, CoreGenderClaim> =
             request.request_async(&self.http).await.map_err(|e| match e {
                 UserInfoError::Request(failure) => failure.into_oauth(OP),
@@ -278,39 +330,87 @@ impl WgtwoClient {
 
     async fn revoke(&self, token: CoreRevocableToken) -> Result<(), OAuthError> {
         const OP: &str = "revoke";
-        let request = self.oidc.revoke_token(token).map_err(|e| OAuthError::Invalid(format!("{OP}: {e}")))?;
+        let oidc = self.oidc();
+        let request = oidc.revoke_token(token).map_err(|e| OAuthError::Invalid(format!("{OP}: {e}")))?;
         request.request_async(&self.http).await.map_err(|e| request_error(OP, e))
     }
 
     /// Verifies the response's ID token if it has one: signature against the issuer's JWKS, issuer,
-    /// audience, expiry, the nonce rule given, and `at_hash` against the access token.
-    fn verify_id_token(
+    /// audience, expiry, the nonce rule given, and `at_hash` against the access token. An ID token
+    /// signed with a key the client has not seen means the issuer rotated its keys: they are
+    /// fetched again (once, and only on an answer from the issuer itself) and the token verified
+    /// with them, as OpenID Connect Core 10.1.1 expects of a client.
+    async fn verify_id_token<N: NonceVerifier + Copy>(
         &self,
         operation: &'static str,
         response: &CoreTokenResponse,
-        nonce: impl NonceVerifier,
+        nonce: N,
     ) -> Result<Option<IdTokenInfo>, OAuthError> {
         let Some(id_token) = response.id_token() else { return Ok(None) };
         let fail = |message: String| OAuthError::IdToken { operation, message };
-        let verifier = self.oidc.id_token_verifier();
-        let claims: &CoreIdTokenClaims = id_token.claims(&verifier, nonce).map_err(|e| fail(e.to_string()))?;
-        if let Some(expected) = claims.access_token_hash() {
-            let alg = id_token.signing_alg().map_err(|e| fail(e.to_string()))?;
-            let key = id_token.signing_key(&verifier).map_err(|e| fail(e.to_string()))?;
-            let actual =
-                AccessTokenHash::from_token(response.access_token(), alg, key).map_err(|e| fail(e.to_string()))?;
-            if actual != *expected {
-                return Err(fail("at_hash does not match the access token".into()));
-            }
+        match verify(&self.oidc(), id_token, response, nonce) {
+            Err(Unverified { unknown_key: true, .. }) => {}
+            other => return other.map(Some).map_err(|e| fail(e.message)),
         }
-        Ok(Some(IdTokenInfo {
-            subject: claims.subject().to_string(),
-            phone_number: claims.phone_number().map(|p| p.to_string()),
-            phone_number_verified: claims.phone_number_verified(),
-            nonce: claims.nonce().map(|n| n.secret().clone()),
-            expires_at: Timestamp::from_second(claims.expiration().timestamp()).ok(),
-        }))
+        let _one_fetch = self.key_fetch.lock().await;
+        // Another request may have fetched them meanwhile.
+        if let Ok(info) = verify(&self.oidc(), id_token, response, nonce) {
+            return Ok(Some(info));
+        }
+        let keys = CoreJsonWebKeySet::fetch_async(self.metadata.jwks_uri(), &self.http).await.map_err(|e| {
+            fail(format!(
+                "signed with an unknown key, and fetching the issuer's keys again failed: {}",
+                discovery_error(&self.issuer, e)
+            ))
+        })?;
+        debug!(keys = keys.keys().len(), "fetched the issuer's signing keys again");
+        let oidc = Arc::new(build_oidc(self.metadata.clone().set_jwks(keys), &self.settings));
+        *self.oidc.write().unwrap_or_else(|e| e.into_inner()) = oidc.clone();
+        verify(&oidc, id_token, response, nonce).map(Some).map_err(|e| fail(e.message))
     }
+}
+
+fn verify(
+    oidc: &Oidc,
+    id_token: &CoreIdToken,
+    response: &CoreTokenResponse,
+    nonce: impl NonceVerifier,
+) -> Result<IdTokenInfo, Unverified> {
+    let fail = |message: String| Unverified { message, unknown_key: false };
+    let verifier = oidc.id_token_verifier();
+    let claims: &CoreIdTokenClaims = id_token.claims(&verifier, nonce).map_err(|e| Unverified {
+        unknown_key: matches!(
+            e,
+            ClaimsVerificationError::SignatureVerification(SignatureVerificationError::NoMatchingKey)
+        ),
+        message: with_sources(&e),
+    })?;
+    if let Some(expected) = claims.access_token_hash() {
+        let alg = id_token.signing_alg().map_err(|e| fail(e.to_string()))?;
+        let key = id_token.signing_key(&verifier).map_err(|e| fail(e.to_string()))?;
+        let actual = AccessTokenHash::from_token(response.access_token(), alg, key).map_err(|e| fail(e.to_string()))?;
+        if actual != *expected {
+            return Err(fail("at_hash does not match the access token".into()));
+        }
+    }
+    Ok(IdTokenInfo {
+        subject: claims.subject().to_string(),
+        phone_number: claims.phone_number().map(|p| p.to_string()),
+        phone_number_verified: claims.phone_number_verified(),
+        nonce: claims.nonce().map(|n| n.secret().clone()),
+        expires_at: Timestamp::from_second(claims.expiration().timestamp()).ok(),
+    })
+}
+
+/// An error with its causes: "Signature verification failed: No matching key found".
+fn with_sources(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    message
 }
 
 /// The fields of a token response that we keep, with `expires_in` turned into an instant.

@@ -66,6 +66,15 @@ pub fn helm_template(set: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The client the tests authorize subscribers with (the operator discovers its own).
+async fn test_client(hydra: &Hydra, client: &OAuthClient) -> WgtwoClient {
+    let mut config = ClientConfig::new(&client.client_id, ClientSecret::new(client.client_secret.clone()));
+    config.issuer_url = hydra.base_url();
+    config.redirect_uri = Some(REDIRECT.into());
+    config.ca_bundle_pem = Some(hydra.ca_pem().as_bytes().to_vec());
+    WgtwoClient::discover(config).await.unwrap()
+}
+
 impl Env {
     pub async fn start(options: HydraOptions) -> Env {
         Self::start_with(options, Rbac::Shipped).await
@@ -80,11 +89,7 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let ca_file = dir.path().join("hydra-ca.pem");
         std::fs::write(&ca_file, hydra.ca_pem()).unwrap();
-        let mut config = ClientConfig::new(&client.client_id, ClientSecret::new(client.client_secret.clone()));
-        config.issuer_url = hydra.base_url();
-        config.redirect_uri = Some(REDIRECT.into());
-        config.ca_bundle_pem = Some(hydra.ca_pem().as_bytes().to_vec());
-        let wgtwo = WgtwoClient::discover(config).await.unwrap();
+        let wgtwo = test_client(&hydra, &client).await;
         let manifests = match rbac {
             Rbac::Shipped => wgtwo_testenv::repo_root().join("deploy/manifests/wgtwo-operator.yaml"),
             Rbac::WatchNamespace => {
@@ -103,6 +108,11 @@ impl Env {
         )
         .await;
         env
+    }
+
+    /// Discovers the issuer again for the tests' own client (not the operator's).
+    pub async fn rediscover_test_client(&mut self) {
+        self.wgtwo = test_client(&self.hydra, &self.client).await;
     }
 
     pub fn secrets(&self) -> Api<Secret> {

@@ -268,6 +268,15 @@ impl Hydra {
         })
     }
 
+    /// Rotates the ID-token signing key: adds a new key to the `hydra.openid.id-token` set (admin
+    /// API), which Hydra signs new ID tokens with from then on. Returns its key ID.
+    pub async fn rotate_id_token_signing_key(&self) -> anyhow::Result<String> {
+        let kid = format!("rotated-{}", rand::rng().random::<u32>());
+        let body = json!({"alg": "RS256", "use": "sig", "kid": kid});
+        self.admin_json(reqwest::Method::POST, "admin/keys/hydra.openid.id-token", &[], Some(body)).await?;
+        Ok(kid)
+    }
+
     /// Hydra's token introspection (admin API): `{"active": bool, "sub": …, "exp": …, …}`.
     pub async fn introspect(&self, token: &str) -> anyhow::Result<Value> {
         let url = self.admin.join("admin/oauth2/introspect")?;
