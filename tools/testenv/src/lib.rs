@@ -37,6 +37,12 @@ pub fn string_secret(name: &str, pairs: &[(&str, &str)]) -> k8s_openapi::api::co
     }
 }
 
+/// sha256 of a token, hex: how the test environment names tokens without showing them.
+pub fn sha256_hex(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind loopback").port()

@@ -19,7 +19,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -162,15 +161,12 @@ async fn forward(State((shared, up)): State<(Arc<Shared>, Arc<Upstream>)>, reque
     };
     let is_token = parts.uri.path() == "/oauth2/token";
     let _in_flight = is_token.then(|| InFlight::enter(&shared));
-    let presentation = match refresh_token_in(&body) {
-        Some(token) if is_token => {
-            let digest = hex(&Sha256::digest(token.as_bytes()));
-            let mut presented = shared.presented.lock().unwrap();
-            presented.push(Presentation { digest, arrived: Instant::now(), answered: None, error: None });
-            Some(presented.len() - 1)
-        }
-        _ => None,
-    };
+    let presentation = is_token.then(|| refresh_token_in(&body)).flatten().map(|token| {
+        let digest = crate::sha256_hex(&token);
+        let mut presented = shared.presented.lock().unwrap();
+        presented.push(Presentation { digest, arrived: Instant::now(), answered: None, error: None });
+        presented.len() - 1
+    });
     let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let url = match up.upstream.join(path_and_query.trim_start_matches('/')) {
         Ok(url) => url,
@@ -228,10 +224,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove("keep-alive");
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Completes the TLS handshake before axum sees the connection. Handshakes run one at a time;

@@ -133,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
                 println!(
                     "    {:>5.1}s  access_token sha256 {}…  expires_at {}  phone_number {}  active at Hydra: {}",
                     started.elapsed().as_secs_f64(),
-                    &fingerprint(&token)[..12],
+                    &wgtwo_testenv::sha256_hex(&token)[..12],
                     get("expires_at"),
                     get("phone_number"),
                     introspected["active"]
@@ -162,11 +162,6 @@ async fn main() -> anyhow::Result<()> {
     }
     step("done: stopping the operator, Hydra and the control plane");
     Ok(())
-}
-
-fn fingerprint(token: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn indent(text: &str) -> String {
