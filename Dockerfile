@@ -4,6 +4,10 @@
 # as the nonroot user. Untested here: this machine has no container engine.
 
 FROM docker.io/library/rust:1.95.0-slim-bookworm AS build
+# make: jemalloc (the operator's allocator) is built from source by tikv-jemalloc-sys.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make=4.3-4.1 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, so a source-only change reuses the cached layer.
 COPY Cargo.toml Cargo.lock ./

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_ISSUER_URL: &str = "https://id.wgtwo.com";
 /// Set this annotation on a grant (any new value, e.g. the time) to refresh its token now.
 pub const ANNOTATION_REFRESH_REQUESTED: &str = "auth.wgtwo.com/refresh-requested-at";
+/// Annotations of a grant the operator reads start with this; others are not even cached.
+pub const ANNOTATION_PREFIX: &str = "auth.wgtwo.com/";
 /// The key of the refresh token in `refreshTokenSecretRef` when none is given.
 pub const DEFAULT_REFRESH_TOKEN_KEY: &str = "refresh_token";
 /// The keys of the OAuth client in the Secret `clientSecretRef` names.

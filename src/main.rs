@@ -8,6 +8,13 @@ use wgtwo_operator::controller::issuers::AllowedIssuer;
 use wgtwo_operator::oauth::Prompt;
 use wgtwo_operator::operator::{Election, RunConfig};
 
+/// jemalloc: under the controller's allocation pattern (many short-lived JSON buffers across
+/// threads) glibc's malloc kept 216 MiB RSS at 10,000 grants where jemalloc keeps 95-114 MiB, and
+/// mimalloc 120-146 MiB (docs/benchmarks.md, `tools/bench.sh --grants 10000`).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Keeps wgtwo OAuth 2.0 access tokens alive in Kubernetes Secrets.
 #[derive(Parser)]
 // The last of a repeated flag wins, so `operator.extraArgs` in the chart can override a default.
@@ -53,6 +60,10 @@ struct RunArgs {
     /// yet written, so this also bounds what a crash can lose.
     #[arg(long, default_value_t = wgtwo_operator::controller::DEFAULT_CONCURRENCY)]
     concurrency: u16,
+    /// Requests per second the reconciler may send to the Kubernetes API (0: unlimited); watches
+    /// and leader election are not counted. Reconciles wait when it is reached.
+    #[arg(long, default_value_t = wgtwo_operator::controller::DEFAULT_KUBE_API_QPS)]
+    kube_api_qps: u32,
     /// Timeout of each Kubernetes API request other than watches.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     kube_api_timeout: Duration,
@@ -174,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = RunConfig {
                 controller,
                 kube_api_timeout: a.kube_api_timeout,
+                kube_api_qps: a.kube_api_qps,
                 metrics_address: a.metrics_bind_address,
                 election,
             };

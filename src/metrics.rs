@@ -5,7 +5,9 @@
 
 use std::collections::HashSet;
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::api::WgtwoGrant;
 use crate::controller::status;
@@ -29,6 +31,8 @@ pub struct Metrics {
     reconcile_errors: IntCounterVec,
     leader: IntGauge,
     unpersisted: IntGauge,
+    unpersisted_peak: IntGauge,
+    reconciles: IntCounter,
     grants_in_memory: IntGauge,
     clients_cached: IntGauge,
 }
@@ -84,6 +88,14 @@ impl Metrics {
             "Rotated refresh tokens held only in this process's memory because the state Secret write has not succeeded yet: each is a grant lost if the process dies now.",
         )
         .unwrap();
+        let unpersisted_peak = IntGauge::new(
+            "wgtwo_operator_unpersisted_refresh_tokens_peak",
+            "The most rotated refresh tokens held only in memory at once since this process started: what a crash at the worst moment would have lost (bounded by --concurrency).",
+        )
+        .unwrap();
+        let reconciles =
+            IntCounter::new("wgtwo_operator_reconciles_total", "Reconciles run (on the leader and on a standby).")
+                .unwrap();
         let grants_in_memory =
             IntGauge::new("wgtwo_operator_grants_in_memory", "Grants the controller keeps per-grant memory for.")
                 .unwrap();
@@ -100,6 +112,8 @@ impl Metrics {
             Box::new(reconcile_errors.clone()),
             Box::new(leader.clone()),
             Box::new(unpersisted.clone()),
+            Box::new(unpersisted_peak.clone()),
+            Box::new(reconciles.clone()),
             Box::new(grants_in_memory.clone()),
             Box::new(clients_cached.clone()),
         ] {
@@ -114,6 +128,8 @@ impl Metrics {
             reconcile_errors,
             leader,
             unpersisted,
+            unpersisted_peak,
+            reconciles,
             grants_in_memory,
             clients_cached,
         }
@@ -129,6 +145,10 @@ impl Metrics {
         self.reconcile_errors.with_label_values(&[reason]).inc();
     }
 
+    pub fn reconciled(&self) {
+        self.reconciles.inc();
+    }
+
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(leader as i64);
     }
@@ -138,6 +158,9 @@ impl Metrics {
         self.grants_in_memory.set(grants as i64);
         self.clients_cached.set(clients as i64);
         self.unpersisted.set(unpersisted as i64);
+        if unpersisted as i64 > self.unpersisted_peak.get() {
+            self.unpersisted_peak.set(unpersisted as i64);
+        }
     }
 
     /// Updates the grant's gauges from its status.

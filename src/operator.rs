@@ -20,6 +20,8 @@ pub struct RunConfig {
     pub controller: Options,
     /// Bound on every Kubernetes API request other than watches (reads and writes alike).
     pub kube_api_timeout: Duration,
+    /// Requests per second of the reconciler to the Kubernetes API (0: unlimited).
+    pub kube_api_qps: u32,
     pub metrics_address: SocketAddr,
     /// `None`: no election (exactly one replica must run).
     pub election: Option<Election>,
@@ -51,10 +53,21 @@ impl Election {
     }
 }
 
-/// Two clients from one kubeconfig: one for the long-lived watches (kube's watcher has its own idle
-/// timeout), and one whose every request is bounded, so a hung apiserver connection can never hold
-/// a rotated refresh token, a Lease renewal or a status write indefinitely.
-pub fn clients(config: &kube::Config, api_timeout: Duration) -> anyhow::Result<(kube::Client, kube::Client)> {
+/// The operator's Kubernetes clients, from one kubeconfig.
+pub struct Clients {
+    /// Long-lived watches (kube's watcher has its own idle timeout).
+    pub watch: kube::Client,
+    /// The reconciler's reads and writes: every request bounded in time, and at most `qps` per
+    /// second when set.
+    pub api: kube::Client,
+    /// Leader election: bounded in time, never queued behind the reconciler's requests.
+    pub lease: kube::Client,
+}
+
+/// Bounds every request but watches in time, so a hung apiserver connection can never hold a
+/// rotated refresh token, a Lease renewal or a status write indefinitely. kube's default stack
+/// already retries 429 (API Priority and Fairness), 503 and 504 with backoff and Retry-After.
+pub fn clients(config: &kube::Config, api_timeout: Duration, qps: u32) -> anyhow::Result<Clients> {
     let watch = kube::Client::try_from(config.clone())?;
     let mut bounded = config.clone();
     bounded.connect_timeout = Some(api_timeout);
@@ -63,11 +76,18 @@ pub fn clients(config: &kube::Config, api_timeout: Duration) -> anyhow::Result<(
     // Count the read timeout from when a request was sent, not from when its pooled connection
     // went idle.
     bounded.reset_reader_on_write = true;
-    Ok((watch, kube::Client::try_from(bounded)?))
+    let lease = kube::Client::try_from(bounded.clone())?;
+    let builder = kube::client::ClientBuilder::try_from(bounded)?;
+    let api = match qps {
+        0 => builder.build(),
+        qps => builder.with_layer(&tower::limit::RateLimitLayer::new(qps.into(), Duration::from_secs(1))).build(),
+    };
+    Ok(Clients { watch, api, lease })
 }
 
 pub async fn run(kube_config: kube::Config, config: RunConfig) -> anyhow::Result<()> {
-    let (watch_client, client) = clients(&kube_config, config.kube_api_timeout)?;
+    let Clients { watch: watch_client, api: client, lease: lease_client } =
+        clients(&kube_config, config.kube_api_timeout, config.kube_api_qps)?;
     let leadership = match &config.election {
         Some(e) => {
             e.validate(&config.controller)?;
@@ -98,10 +118,10 @@ pub async fn run(kube_config: kube::Config, config: RunConfig) -> anyhow::Result
             };
             info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "campaigning for the leader Lease");
             let elector = LeaseElector::new(
-                client.clone(),
+                lease_client.clone(),
                 lease,
                 leadership.clone(),
-                Some(controller::recorder(client.clone())),
+                Some(controller::recorder(lease_client.clone())),
             );
             Some(tokio::spawn(elector.run(elector_stop.clone())))
         }

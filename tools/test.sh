@@ -24,6 +24,12 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 
+# The scale benchmark at a small N, so it cannot rot: its request and token counts are checked (the
+# full run, with time and memory targets, is tools/bench.sh --grants 10000; docs/benchmarks.md).
+step "scale benchmark, 200 grants (--check)"
+cargo build --quiet --locked --workspace --bins
+target/debug/wgtwo-bench --operator target/debug/wgtwo-operator --grants 200 --clients 4 --no-baseline --check
+
 # The harness kills every server it starts; prove it, so a leak cannot go unnoticed.
 step "checking for leftover test processes"
 cache_root=$(dirname "$(dirname "$(echo "$bins" | head -1 | cut -d= -f2)")")

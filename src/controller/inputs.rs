@@ -2,18 +2,16 @@
 //! Secret or key is a condition that says what to fix, never a crash or a silent retry loop.
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
 
 use super::status::reason;
-use crate::api::{CLIENT_ID_KEY, CLIENT_SECRET_KEY, WgtwoGrant};
+use crate::api::{CLIENT_ID_KEY, CLIENT_SECRET_KEY};
 use crate::kubeapi::secret_text;
 use crate::oauth::secrets::ClientSecret;
 
+/// The OAuth client, from `clientSecretRef`.
 pub struct Inputs {
     pub client_id: String,
     pub client_secret: ClientSecret,
-    /// The value in `refreshTokenSecretRef` (where a lineage starts).
-    pub user_refresh_token: String,
 }
 
 /// Why the inputs cannot be used; `message` tells the user what to do.
@@ -23,39 +21,32 @@ pub struct Problem {
     pub message: String,
 }
 
-pub async fn read(secrets: &Api<Secret>, grant: &WgtwoGrant) -> Result<Result<Inputs, Problem>, kube::Error> {
-    let client_ref = &grant.spec.client_secret_ref.name;
-    let token_ref = &grant.spec.refresh_token_secret_ref;
-    let client = secrets.get_opt(client_ref).await?;
-    let token = secrets.get_opt(&token_ref.name).await?;
-    Ok(from_secrets(client.as_ref(), client_ref, token.as_ref(), &token_ref.name, &token_ref.key))
-}
+/// The keys read from the client Secret.
+pub const CLIENT_KEYS: &[&str] = &[CLIENT_ID_KEY, CLIENT_SECRET_KEY];
 
-/// Pure: the inputs from the two Secrets, or the first problem found.
-pub fn from_secrets(
-    client: Option<&Secret>,
-    client_name: &str,
-    token: Option<&Secret>,
-    token_name: &str,
-    token_key: &str,
-) -> Result<Inputs, Problem> {
+/// Pure: the OAuth client from its Secret, or what is wrong with it.
+pub fn client(client: Option<&Secret>, client_name: &str) -> Result<Inputs, Problem> {
     let client = client.ok_or_else(|| Problem {
         reason: reason::SECRET_NOT_FOUND,
         message: format!(
             "Secret {client_name} (clientSecretRef) does not exist: create it with the keys {CLIENT_ID_KEY} and {CLIENT_SECRET_KEY}"
         ),
     })?;
+    Ok(Inputs {
+        client_id: value(client, client_name, CLIENT_ID_KEY, "clientSecretRef")?,
+        client_secret: ClientSecret::new(value(client, client_name, CLIENT_SECRET_KEY, "clientSecretRef")?),
+    })
+}
+
+/// Pure: the user's refresh token (where a lineage starts), or what is wrong with its Secret.
+pub fn user_token(token: Option<&Secret>, token_name: &str, token_key: &str) -> Result<String, Problem> {
     let token = token.ok_or_else(|| Problem {
         reason: reason::SECRET_NOT_FOUND,
         message: format!(
             "Secret {token_name} (refreshTokenSecretRef) does not exist: create it with the refresh token under key {token_key}, or run wgtwo-operator authorize"
         ),
     })?;
-    Ok(Inputs {
-        client_id: value(client, client_name, CLIENT_ID_KEY, "clientSecretRef")?,
-        client_secret: ClientSecret::new(value(client, client_name, CLIENT_SECRET_KEY, "clientSecretRef")?),
-        user_refresh_token: value(token, token_name, token_key, "refreshTokenSecretRef")?,
-    })
+    value(token, token_name, token_key, "refreshTokenSecretRef")
 }
 
 fn value(secret: &Secret, name: &str, key: &str, field: &str) -> Result<String, Problem> {
@@ -76,27 +67,24 @@ mod tests {
 
     #[test]
     fn complete_inputs_are_read_and_trimmed() {
-        let client = secret(&[("client_id", "id"), ("client_secret", "secret\n")]);
-        let token = secret(&[("refresh_token", " rt ")]);
-        let inputs = from_secrets(Some(&client), "c", Some(&token), "t", "refresh_token").unwrap();
+        let inputs = client(Some(&secret(&[("client_id", "id"), ("client_secret", "secret\n")])), "c").unwrap();
         assert_eq!((inputs.client_id.as_str(), inputs.client_secret.secret().as_str()), ("id", "secret"));
-        assert_eq!(inputs.user_refresh_token, "rt");
+        assert_eq!(user_token(Some(&secret(&[("refresh_token", " rt ")])), "t", "refresh_token").unwrap(), "rt");
     }
 
     #[test]
     fn each_problem_names_the_secret_the_field_and_the_key() {
-        let client = secret(&[("client_id", "id"), ("client_secret", "s")]);
         let token = secret(&[("refresh_token", "rt")]);
-        let err = from_secrets(None, "wgtwo-client", Some(&token), "t", "refresh_token").err().unwrap();
+        let err = client(None, "wgtwo-client").err().unwrap();
         assert_eq!(err.reason, "SecretNotFound");
         assert!(err.message.contains("wgtwo-client (clientSecretRef)"));
-        let err = from_secrets(Some(&client), "c", None, "alice-auth", "refresh_token").err().unwrap();
+        let err = user_token(None, "alice-auth", "refresh_token").err().unwrap();
         assert!(err.message.contains("alice-auth (refreshTokenSecretRef)"));
-        let err = from_secrets(Some(&client), "c", Some(&token), "t", "other_key").err().unwrap();
+        let err = user_token(Some(&token), "t", "other_key").err().unwrap();
         assert_eq!(err.reason, "SecretKeyMissing");
         assert!(err.message.contains("key other_key"));
         let empty = secret(&[("client_id", "id"), ("client_secret", "  ")]);
-        let err = from_secrets(Some(&empty), "c", Some(&token), "t", "refresh_token").err().unwrap();
+        let err = client(Some(&empty), "c").err().unwrap();
         assert!(err.message.contains("client_secret"));
     }
 }

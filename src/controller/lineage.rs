@@ -14,6 +14,9 @@ use crate::oauth::secrets::RefreshToken;
 pub const KEY_REFRESH_TOKEN: &str = "refresh_token";
 pub const KEY_SOURCE: &str = "source_sha256";
 pub const KEY_FAILED: &str = "failed_sha256";
+/// The resourceVersion of the user's Secret when the lineage was last checked against it: while the
+/// Secret is at that version it need not be read again (also not after a restart).
+pub const KEY_SOURCE_VERSION: &str = "source_resource_version";
 pub const KEY_PHONE_NUMBER: &str = "phone_number";
 /// The lineage (`source`) for which the phone number is known, so it is asked for once per
 /// authorization, not on every refresh.
@@ -25,6 +28,8 @@ pub struct RefreshState {
     pub refresh_token: RefreshToken,
     /// sha256 (hex) of the user-provided refresh token this lineage started from.
     pub source: String,
+    /// See [`KEY_SOURCE_VERSION`].
+    pub source_version: Option<String>,
     /// sha256 (hex) of the inputs of a request the server refused for good (`invalid_grant`, …):
     /// the same inputs are not sent again.
     pub failed: Option<String>,
@@ -59,6 +64,9 @@ pub fn encode(state: &RefreshState) -> BTreeMap<String, ByteString> {
         (KEY_REFRESH_TOKEN.to_owned(), ByteString(state.refresh_token.secret().as_bytes().to_vec())),
         (KEY_SOURCE.to_owned(), ByteString(state.source.as_bytes().to_vec())),
     ]);
+    if let Some(version) = &state.source_version {
+        data.insert(KEY_SOURCE_VERSION.to_owned(), ByteString(version.as_bytes().to_vec()));
+    }
     if let Some(failed) = &state.failed {
         data.insert(KEY_FAILED.to_owned(), ByteString(failed.as_bytes().to_vec()));
     }
@@ -78,6 +86,7 @@ pub fn decode(data: &BTreeMap<String, ByteString>) -> Option<RefreshState> {
     Some(RefreshState {
         refresh_token: RefreshToken::new(text(KEY_REFRESH_TOKEN)?),
         source,
+        source_version: text(KEY_SOURCE_VERSION),
         failed: text(KEY_FAILED),
         phone,
     })
@@ -91,15 +100,44 @@ pub struct Chosen {
     /// True when the user's token starts a new lineage (first use or re-authorization).
     pub adopted: bool,
     pub failed: Option<String>,
+    /// The version of the user's Secret this choice was made at (recorded with the state).
+    pub source_version: Option<String>,
+}
+
+/// The state's lineage, when the user's Secret is still at the version it was checked at (its
+/// token need not be read).
+pub fn unchanged(state: Option<&RefreshState>, user_secret_version: Option<&str>) -> bool {
+    state.and_then(|s| s.source_version.as_deref()).is_some_and(|v| Some(v) == user_secret_version)
+}
+
+/// Continues the state's lineage without the user's token (see [`unchanged`]).
+pub fn continued(state: RefreshState) -> Chosen {
+    Chosen {
+        refresh_token: state.refresh_token,
+        source: state.source,
+        adopted: false,
+        failed: state.failed,
+        source_version: None,
+    }
 }
 
 pub fn choose(user_token: &str, state: Option<RefreshState>) -> Chosen {
     let source = sha256_hex(&[user_token]);
     match state {
-        Some(state) if state.source == source => {
-            Chosen { refresh_token: state.refresh_token, source, adopted: false, failed: state.failed }
-        }
-        _ => Chosen { refresh_token: RefreshToken::new(user_token.to_owned()), source, adopted: true, failed: None },
+        Some(state) if state.source == source => Chosen {
+            refresh_token: state.refresh_token,
+            source,
+            adopted: false,
+            failed: state.failed,
+            source_version: None,
+        },
+        _ => Chosen {
+            refresh_token: RefreshToken::new(user_token.to_owned()),
+            source,
+            adopted: true,
+            failed: None,
+            source_version: None,
+        },
     }
 }
 
@@ -111,6 +149,7 @@ mod tests {
         RefreshState {
             refresh_token: RefreshToken::new(token.into()),
             source: sha256_hex(&[source_of]),
+            source_version: None,
             failed: None,
             phone: None,
         }
@@ -135,6 +174,20 @@ mod tests {
         let chosen = choose("new-user-token", Some(state("rotated-3", "user-token")));
         assert!(chosen.adopted);
         assert_eq!(chosen.refresh_token.secret(), "new-user-token");
+    }
+
+    #[test]
+    fn the_users_secret_is_unchanged_only_at_the_recorded_version() {
+        let mut s = state("rotated", "user");
+        assert!(!unchanged(Some(&s), Some("7")), "no version recorded: read the Secret");
+        s.source_version = Some("7".into());
+        assert!(unchanged(Some(&s), Some("7")));
+        assert!(!unchanged(Some(&s), Some("8")));
+        assert!(!unchanged(Some(&s), None), "the user's Secret is gone");
+        assert!(!unchanged(None, Some("7")));
+        let back = decode(&encode(&s)).unwrap();
+        assert_eq!(back.source_version.as_deref(), Some("7"));
+        assert_eq!(continued(back).refresh_token.secret(), "rotated");
     }
 
     #[test]

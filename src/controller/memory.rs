@@ -16,7 +16,8 @@ use jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::OnceCell;
 
-use crate::api::WgtwoGrant;
+use super::secret_cache::at_least_as_new;
+use crate::api::{WgtwoGrant, WgtwoGrantStatus};
 use crate::metrics::Metrics;
 use crate::oauth::secrets::RefreshToken;
 use crate::oauth::{OAuthError, TokenSet, WgtwoClient};
@@ -27,6 +28,8 @@ pub struct Pending {
     pub refresh_token: RefreshToken,
     /// Fingerprint of the user's refresh token the lineage started from.
     pub source: String,
+    /// Version of the user's Secret the lineage was checked at.
+    pub source_version: Option<String>,
     pub tokens: TokenSet,
     pub refreshed_at: Timestamp,
     /// When the answer arrived: from then until the state Secret is written, a crash loses the
@@ -49,11 +52,16 @@ pub struct Failure {
 
 #[derive(Default)]
 struct GrantMemory {
-    pending: Option<Pending>,
-    failure: Option<Failure>,
-    api_backoff: Option<ExponentialBackoff>,
+    /// Boxed: most grants have none, and an inline answer would cost every grant its size.
+    pending: Option<Box<Pending>>,
+    // Boxed, as the answer: rare, and inline they would cost every grant their size.
+    failure: Option<Box<Failure>>,
+    api_backoff: Option<Box<ExponentialBackoff>>,
     /// Key of the OAuth client this grant used last.
-    client: Option<String>,
+    /// Shared with the client map: one allocation per client, not per grant.
+    client: Option<Arc<str>>,
+    /// The status this process last wrote and its resourceVersion, until the grant watch shows it.
+    status: Option<Box<(String, WgtwoGrantStatus)>>,
 }
 
 type ClientCell = Arc<OnceCell<Arc<WgtwoClient>>>;
@@ -62,24 +70,28 @@ pub struct Memory {
     grants: Mutex<HashMap<ObjectRef<WgtwoGrant>, GrantMemory>>,
     /// Discovered clients by issuer, client id and client secret fingerprint. A cell per key:
     /// discovery of one issuer never waits for another's.
-    clients: Mutex<HashMap<String, ClientCell>>,
+    clients: Mutex<HashMap<Arc<str>, ClientCell>>,
+    /// Grants whose kept answer is not in the state Secret yet (a set, so the gauge needs no scan).
+    unpersisted: Mutex<HashSet<ObjectRef<WgtwoGrant>>>,
     metrics: Metrics,
 }
 
 impl Memory {
     pub fn new(metrics: Metrics) -> Self {
-        Self { grants: Default::default(), clients: Default::default(), metrics }
+        Self { grants: Default::default(), clients: Default::default(), unpersisted: Default::default(), metrics }
     }
 
     /// The answer kept for this grant, if any (a copy: it stays kept until published).
     pub fn pending(&self, key: &ObjectRef<WgtwoGrant>) -> Option<Pending> {
-        self.grants.lock().unwrap().get(key).and_then(|m| m.pending.clone())
+        self.grants.lock().unwrap().get(key).and_then(|m| m.pending.as_deref().cloned())
     }
 
     /// Keeps an answer; called as soon as it arrives, before any await.
     pub fn keep(&self, key: &ObjectRef<WgtwoGrant>, pending: Pending) {
         let mut grants = self.grants.lock().unwrap();
-        grants.entry(key.clone()).or_default().pending = Some(pending);
+        let persisted = pending.persisted;
+        grants.entry(slim(key)).or_default().pending = Some(Box::new(pending));
+        self.mark(key, !persisted);
         self.update_gauges(&grants);
     }
 
@@ -89,6 +101,7 @@ impl Memory {
         if let Some(p) = grants.get_mut(key).and_then(|m| m.pending.as_mut()) {
             p.persisted = true;
         }
+        self.mark(key, false);
         self.update_gauges(&grants);
     }
 
@@ -99,19 +112,44 @@ impl Memory {
             m.pending = None;
             m.failure = None;
         }
+        self.mark(key, false);
         self.update_gauges(&grants);
+    }
+
+    /// Remembers a status this process wrote (at `version`) until the watch shows it.
+    pub fn wrote_status(&self, key: &ObjectRef<WgtwoGrant>, version: String, status: WgtwoGrantStatus) {
+        let mut grants = self.grants.lock().unwrap();
+        grants.entry(slim(key)).or_default().status = Some(Box::new((version, status)));
+    }
+
+    /// The status this process last wrote, unless the cached grant (at `cached_version`) shows it
+    /// or something newer already (then it is forgotten).
+    pub fn own_status(&self, key: &ObjectRef<WgtwoGrant>, cached_version: Option<&str>) -> Option<WgtwoGrantStatus> {
+        let mut grants = self.grants.lock().unwrap();
+        let memory = grants.get_mut(key)?;
+        let (version, status) = memory.status.as_deref()?;
+        if cached_version.is_some_and(|cached| at_least_as_new(cached, version)) {
+            memory.status = None;
+            return None;
+        }
+        Some(status.clone())
     }
 
     /// A failed token request was recorded in the status.
     pub fn failed(&self, key: &ObjectRef<WgtwoGrant>, failure: Failure) {
         let mut grants = self.grants.lock().unwrap();
-        grants.entry(key.clone()).or_default().failure = Some(failure);
+        grants.entry(slim(key)).or_default().failure = Some(Box::new(failure));
         self.update_gauges(&grants);
     }
 
     /// The last failure this process recorded for the grant at `generation`.
     pub fn failure(&self, key: &ObjectRef<WgtwoGrant>, generation: Option<i64>) -> Option<Failure> {
-        self.grants.lock().unwrap().get(key).and_then(|m| m.failure).filter(|f| f.generation == generation)
+        self.grants
+            .lock()
+            .unwrap()
+            .get(key)
+            .and_then(|m| m.failure.as_deref().copied())
+            .filter(|f| f.generation == generation)
     }
 
     /// Grants (`namespace/name`) whose rotated refresh token is held only here (lost if the
@@ -128,14 +166,16 @@ impl Memory {
     /// The delay before retrying a reconcile that failed on the Kubernetes API.
     pub fn next_api_backoff(&self, key: &ObjectRef<WgtwoGrant>, min: Duration, max: Duration) -> Duration {
         let mut grants = self.grants.lock().unwrap();
-        let backoff = grants.entry(key.clone()).or_default().api_backoff.get_or_insert_with(|| {
-            ExponentialBuilder::default()
-                .with_min_delay(min)
-                .with_max_delay(max)
-                .with_factor(2.0)
-                .with_jitter()
-                .without_max_times()
-                .build()
+        let backoff = grants.entry(slim(key)).or_default().api_backoff.get_or_insert_with(|| {
+            Box::new(
+                ExponentialBuilder::default()
+                    .with_min_delay(min)
+                    .with_max_delay(max)
+                    .with_factor(2.0)
+                    .with_jitter()
+                    .without_max_times()
+                    .build(),
+            )
         });
         let delay = backoff.next().unwrap_or(max);
         self.update_gauges(&grants);
@@ -162,12 +202,16 @@ impl Memory {
     {
         let cell = {
             let mut grants = self.grants.lock().unwrap();
-            let previous = grants.entry(grant.clone()).or_default().client.replace(client_key.clone());
             let mut clients = self.clients.lock().unwrap();
-            let cell = clients.entry(client_key.clone()).or_default().clone();
-            if previous.is_some_and(|p| p != client_key) {
+            let shared: Arc<str> = match clients.get_key_value(client_key.as_str()) {
+                Some((k, _)) => k.clone(),
+                None => client_key.as_str().into(),
+            };
+            let cell = clients.entry(shared.clone()).or_default().clone();
+            let previous = grants.entry(slim(grant)).or_default().client.replace(shared.clone());
+            if previous.as_ref().is_some_and(|p| *p != shared) {
                 // E.g. the client secret changed: the old client may now be unused.
-                prune(&grants, &mut clients);
+                release(&mut clients, previous);
             }
             self.update_gauges_with(&grants, &clients);
             cell
@@ -179,9 +223,10 @@ impl Memory {
     /// Forgets a grant that was deleted, and the clients only it used.
     pub fn forget(&self, key: &ObjectRef<WgtwoGrant>) {
         let mut grants = self.grants.lock().unwrap();
-        if grants.remove(key).is_some() {
+        if let Some(memory) = grants.remove(key) {
+            self.mark(key, false);
             let mut clients = self.clients.lock().unwrap();
-            prune(&grants, &mut clients);
+            release(&mut clients, memory.client);
             self.update_gauges_with(&grants, &clients);
         }
     }
@@ -190,6 +235,7 @@ impl Memory {
     pub fn retain(&self, alive: &HashSet<ObjectRef<WgtwoGrant>>) {
         let mut grants = self.grants.lock().unwrap();
         grants.retain(|k, _| alive.contains(k));
+        self.unpersisted.lock().unwrap().retain(|k| alive.contains(k));
         let mut clients = self.clients.lock().unwrap();
         prune(&grants, &mut clients);
         self.update_gauges_with(&grants, &clients);
@@ -203,16 +249,45 @@ impl Memory {
     fn update_gauges_with(
         &self,
         grants: &HashMap<ObjectRef<WgtwoGrant>, GrantMemory>,
-        clients: &HashMap<String, ClientCell>,
+        clients: &HashMap<Arc<str>, ClientCell>,
     ) {
-        let unpersisted = grants.values().filter(|m| m.pending.as_ref().is_some_and(|p| !p.persisted)).count();
+        let unpersisted = self.unpersisted.lock().unwrap().len();
         self.metrics.set_memory(grants.len(), clients.len(), unpersisted);
+    }
+
+    fn mark(&self, key: &ObjectRef<WgtwoGrant>, unpersisted: bool) {
+        let mut set = self.unpersisted.lock().unwrap();
+        if unpersisted {
+            set.insert(slim(key));
+        } else {
+            set.remove(key);
+        }
+    }
+}
+
+/// The key without the uid and resourceVersion a key from an object carries (ignored by its
+/// equality and hash): two strings fewer per grant kept.
+fn slim(key: &ObjectRef<WgtwoGrant>) -> ObjectRef<WgtwoGrant> {
+    let slim = ObjectRef::new(&key.name);
+    match &key.namespace {
+        Some(ns) => slim.within(ns),
+        None => slim,
+    }
+}
+
+/// Drops the client a grant stopped using if no other grant uses it (the map's key is then its
+/// only other holder).
+fn release(clients: &mut HashMap<Arc<str>, ClientCell>, client: Option<Arc<str>>) {
+    let Some(client) = client else { return };
+    let unused = clients.get_key_value(&*client).is_some_and(|(k, _)| Arc::strong_count(k) == 2);
+    if unused {
+        clients.remove(&*client);
     }
 }
 
 /// Drops the clients no remembered grant uses.
-fn prune(grants: &HashMap<ObjectRef<WgtwoGrant>, GrantMemory>, clients: &mut HashMap<String, ClientCell>) {
-    let used: HashSet<&String> = grants.values().filter_map(|m| m.client.as_ref()).collect();
+fn prune(grants: &HashMap<ObjectRef<WgtwoGrant>, GrantMemory>, clients: &mut HashMap<Arc<str>, ClientCell>) {
+    let used: HashSet<&Arc<str>> = grants.values().filter_map(|m| m.client.as_ref()).collect();
     clients.retain(|k, _| used.contains(k));
 }
 
@@ -229,6 +304,7 @@ mod tests {
         Pending {
             refresh_token: RefreshToken::new("rt".into()),
             source: "s".into(),
+            source_version: None,
             tokens: TokenSet {
                 access_token: AccessToken::new("at".into()),
                 refresh_token: None,

@@ -9,11 +9,13 @@
 //! happens for that grant until it is written. Every write carries the resourceVersion it was based
 //! on (optimistic concurrency).
 
+pub mod index;
 pub mod inputs;
 pub mod issuers;
 pub mod lineage;
 pub mod memory;
 pub mod schedule;
+pub mod secret_cache;
 pub mod status;
 pub mod target;
 
@@ -25,7 +27,8 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, Time};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
@@ -36,10 +39,12 @@ use kube::{Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, instrument, warn};
 
+use self::index::SecretIndex;
 use self::issuers::AllowedIssuer;
 use self::lineage::RefreshState;
 use self::memory::{Failure, Memory, Pending};
 use self::schedule::{Decision, Observed, RefreshReason};
+use self::secret_cache::SecretCache;
 use self::status::reason;
 use crate::api::{ANNOTATION_REFRESH_REQUESTED, DEFAULT_ISSUER_URL, WgtwoGrant, WgtwoGrantStatus};
 use crate::kubeapi::kube_message;
@@ -66,6 +71,9 @@ pub const PERSIST_BUDGET: Duration = Duration::from_secs(5);
 
 /// Default of `--concurrency`; see the README for the measurement behind it.
 pub const DEFAULT_CONCURRENCY: u16 = 16;
+/// Default of `--kube-api-qps`: above what 16 reconciles send at full speed against the benchmark's
+/// apiserver (docs/benchmarks.md), so it only stops a runaway loop from flooding the apiserver.
+pub const DEFAULT_KUBE_API_QPS: u32 = 2000;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -134,14 +142,21 @@ pub struct Context {
     memory: Memory,
     /// The grant cache, to tell whether a grant still exists.
     grants: reflector::Store<WgtwoGrant>,
+    cache: Arc<SecretCache>,
 }
 
 impl Context {
     /// `client` serves the reconciler's requests: give it timeouts, so no call can hang.
-    pub fn new(client: kube::Client, options: Options, shared: Shared, grants: reflector::Store<WgtwoGrant>) -> Self {
+    pub fn new(
+        client: kube::Client,
+        options: Options,
+        shared: Shared,
+        grants: reflector::Store<WgtwoGrant>,
+        cache: Arc<SecretCache>,
+    ) -> Self {
         let recorder = recorder(client.clone());
         let memory = Memory::new(shared.metrics.clone());
-        Self { client, recorder, options, shared, memory, grants }
+        Self { client, recorder, options, shared, memory, grants, cache }
     }
 
     fn api_backoff(&self, key: &ObjectRef<WgtwoGrant>) -> Duration {
@@ -172,59 +187,112 @@ pub async fn run(
     shared: Shared,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // Secrets as metadata only: the operator never caches the data of anyone's Secrets.
-    let (grants, secrets): (Api<WgtwoGrant>, Api<PartialObjectMeta<Secret>>) = match &options.namespace {
-        Some(ns) => (Api::namespaced(watch_client.clone(), ns), Api::namespaced(watch_client.clone(), ns)),
-        None => (Api::all(watch_client.clone()), Api::all(watch_client)),
-    };
+    // Api<PartialObjectMeta<_>> asks for metadata only: nobody's Secret data is sent for it.
+    let (grants, secrets, secrets_meta): (Api<WgtwoGrant>, Api<Secret>, Api<PartialObjectMeta<Secret>>) =
+        match &options.namespace {
+            Some(ns) => (
+                Api::namespaced(watch_client.clone(), ns),
+                Api::namespaced(watch_client.clone(), ns),
+                Api::namespaced(watch_client, ns),
+            ),
+            None => (Api::all(watch_client.clone()), Api::all(watch_client.clone()), Api::all(watch_client)),
+        };
     let allowed: Vec<&str> = options.allowed_issuers.iter().map(AllowedIssuer::as_str).collect();
     info!(allowed_issuers = ?allowed, "credentials are sent only to these identity services");
     let concurrency = options.concurrency;
     let (store, writer) = reflector::store();
-    let ctx = Arc::new(Context::new(api_client, options, shared.clone(), store.clone()));
+    let cache = SecretCache::new();
+    let index = Arc::new(SecretIndex::default());
+    let ctx = Arc::new(Context::new(api_client, options, shared.clone(), store.clone(), cache.clone()));
     let watch_ctx = ctx.clone();
     let metrics = shared.metrics.clone();
     let reader = store.clone();
-    // Set here rather than by Store::wait_until_ready, whose waker the Controller's own wait
-    // displaces (a second waiter is never woken).
-    let synced = shared.synced.clone();
+    // Ready once the grants and both Secret watches have listed everything. Set here rather than by
+    // Store::wait_until_ready, whose waker the Controller's own wait displaces.
+    let grants_synced = Arc::new(AtomicBool::new(false));
+    let mark_synced = {
+        let (synced, grants_synced, cache) = (shared.synced.clone(), grants_synced.clone(), cache.clone());
+        move || {
+            if grants_synced.load(Ordering::Acquire) && cache.is_synced() && !synced.swap(true, Ordering::AcqRel) {
+                info!("grant and Secret watches synced");
+            }
+        }
+    };
+    let grant_index = index.clone();
+    let grants_done = mark_synced.clone();
     let grant_changes = watcher(grants, watcher::Config::default())
         .default_backoff()
+        .modify(secret_cache::strip_grant)
         .reflect(writer)
         // Per-grant gauges follow every status change, including our own writes.
         .inspect_ok(move |event| match event {
-            watcher::Event::Apply(g) | watcher::Event::InitApply(g) => metrics.observe_grant(g),
+            watcher::Event::Apply(g) | watcher::Event::InitApply(g) => {
+                metrics.observe_grant(g);
+                grant_index.upsert(g);
+                watch_ctx.memory.own_status(&ObjectRef::from_obj(g), g.resource_version().as_deref());
+            }
             watcher::Event::Delete(g) => {
                 metrics.forget_grant(&g.namespace().unwrap_or_default(), &g.name_any());
                 watch_ctx.memory.forget(&ObjectRef::from_obj(g));
+                grant_index.remove(g);
             }
             watcher::Event::InitDone => {
                 let alive = reader.state();
                 metrics
                     .retain_grants(&alive.iter().map(|g| (g.namespace().unwrap_or_default(), g.name_any())).collect());
                 watch_ctx.memory.retain(&alive.iter().map(|g| ObjectRef::from_obj(&**g)).collect::<HashSet<_>>());
-                if !synced.swap(true, Ordering::Relaxed) {
-                    info!("grant watch synced");
-                }
+                grant_index.rebuild(alive.iter().map(|g| &**g));
+                grants_synced.store(true, Ordering::Release);
+                grants_done();
             }
             watcher::Event::Init => {}
         })
         .applied_objects()
-        // Spec and annotation changes only: a status patch after a failed refresh must not bypass
-        // the backoff.
+        // Spec and (the operator's own) annotation changes only: a status patch after a failed
+        // refresh must not bypass the backoff.
         .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
     let controller = Controller::for_stream(grant_changes, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
-    let secret_changes = watcher(secrets, watcher::Config::default()).default_backoff().touched_objects();
+    // Every Secret as metadata only (no data, no managedFields): whether it exists, its version
+    // and owner. The operator never caches the data of anyone's Secrets.
+    let (meta_cache, meta_done) = (cache.clone(), mark_synced.clone());
+    let secret_changes = watcher(secrets_meta, watcher::Config::default())
+        .default_backoff()
+        .modify(secret_cache::strip)
+        .inspect_ok(move |event| {
+            meta_cache.apply_meta(event);
+            if matches!(event, watcher::Event::InitDone) {
+                meta_done();
+            }
+        })
+        .touched_objects()
+        // The operator's own Secrets come through the owned watch below.
+        .try_filter(|s| {
+            let managed = s.labels().get(LABEL_MANAGED_BY).is_some_and(|v| v == MANAGER);
+            std::future::ready(!managed)
+        });
+    // The operator's own Secrets (state and target) with their data, kept as the few keys it reads.
+    let (owned_cache, owned_done) = (cache.clone(), mark_synced);
+    let own_writes = cache.clone();
+    let owned_changes = watcher(secrets, watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}")))
+        .default_backoff()
+        .modify(secret_cache::strip)
+        .inspect_ok(move |event| {
+            owned_cache.apply_owned(event);
+            if matches!(event, watcher::Event::InitDone) {
+                owned_done();
+            }
+        })
+        .touched_objects()
+        // What the operator itself just wrote needs no second look.
+        .try_filter(move |s| std::future::ready(!own_writes.is_own_write(s)));
+    let by_meta = index;
     controller
-        .watches_stream(secret_changes, move |secret| {
-            let (ns, name) = (secret.namespace(), secret.name_any());
-            store
-                .state()
-                .into_iter()
-                .filter(|g| g.namespace() == ns && references(g, &name))
-                .map(|g| ObjectRef::from_obj(&*g))
-                .collect::<Vec<_>>()
+        .watches_stream(secret_changes, move |secret| users_of(&by_meta, &secret.namespace(), &secret.name_any()))
+        // The operator's own Secrets name their grant in a label.
+        .watches_stream(owned_changes, |secret| {
+            let grant = secret.labels().get(LABEL_GRANT).cloned();
+            grant.map(|name| ObjectRef::new(&name).within(&secret.namespace().unwrap_or_default()))
         })
         // A standby ignores everything; on becoming the leader it looks at every grant.
         .reconcile_all_on(shared.leadership.became_leader())
@@ -244,13 +312,9 @@ pub async fn run(
     Ok(())
 }
 
-/// Whether the grant reads or writes the Secret `name` (in its own namespace).
-fn references(grant: &WgtwoGrant, name: &str) -> bool {
-    let spec = &grant.spec;
-    spec.client_secret_ref.name == name
-        || spec.refresh_token_secret_ref.name == name
-        || spec.target.secret_name == name
-        || lineage::state_secret_name(&grant.name_any()) == name
+fn users_of(index: &SecretIndex, namespace: &Option<String>, secret: &str) -> Vec<ObjectRef<WgtwoGrant>> {
+    let ns = namespace.as_deref().unwrap_or_default();
+    index.grants_using(ns, secret).into_iter().map(|name| ObjectRef::new(&name).within(ns)).collect()
 }
 
 fn error_policy(grant: Arc<WgtwoGrant>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -275,12 +339,18 @@ struct Run<'a> {
 /// One span per reconcile: every log line names the grant and its namespace.
 #[instrument(skip_all, fields(namespace = grant.metadata.namespace.as_deref().unwrap_or(""), grant = grant.metadata.name.as_deref().unwrap_or("")))]
 async fn reconcile(grant: Arc<WgtwoGrant>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.shared.metrics.reconciled();
     let key = ObjectRef::from_obj(&*grant);
     let ns = grant.namespace().expect("WgtwoGrant is namespaced");
     if grant.meta().deletion_timestamp.is_some() {
         // Being deleted: its Secrets go with it; write nothing that would bring them back.
         ctx.memory.forget(&key);
         return Ok(Action::await_change());
+    }
+    // Reads come from the Secret caches: wait until they hold everything (bounded, so shutdown is
+    // never held up).
+    if !ctx.cache.wait_synced(Duration::from_secs(5)).await {
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let run = Run {
         grant: &grant,
@@ -307,8 +377,8 @@ impl Run<'_> {
         // An answer that could not be published goes first: never refresh past it. It stays kept
         // until every write succeeded, whatever fails here.
         if let Some(pending) = self.ctx.memory.pending(&self.key) {
-            let state = self.secrets.get_opt(&self.state_name()).await?;
-            let target = self.secrets.get_opt(&self.grant.spec.target.secret_name).await?;
+            let state = self.owned(&self.state_name()).await?;
+            let target = self.owned(&self.grant.spec.target.secret_name).await?;
             let next = self.publish(pending, state.as_ref(), target.as_ref(), None).await?;
             self.ctx.memory.reset_api_backoff(&self.key);
             // This reconcile's view of the grant predates the publish; decide afresh next time.
@@ -325,12 +395,14 @@ impl Run<'_> {
             return self.input_problem(reason::ISSUER_NOT_ALLOWED, message).await;
         }
 
-        let inputs = match inputs::read(&self.secrets, self.grant).await? {
+        let spec = &self.grant.spec;
+        let client = self.read(&spec.client_secret_ref.name, inputs::CLIENT_KEYS).await?;
+        let inputs = match inputs::client(client.as_ref(), &spec.client_secret_ref.name) {
             Ok(inputs) => inputs,
             Err(problem) => return self.input_problem(problem.reason, problem.message).await,
         };
-        let state_secret = self.secrets.get_opt(&self.state_name()).await?;
-        let target_secret = self.secrets.get_opt(&self.grant.spec.target.secret_name).await?;
+        let state_secret = self.owned(&self.state_name()).await?;
+        let target_secret = self.owned(&spec.target.secret_name).await?;
         for (secret, what, why) in [
             (&target_secret, reason::TARGET_CONFLICT, "target.secretName"),
             (&state_secret, reason::STATE_CONFLICT, "the operator's state Secret"),
@@ -346,10 +418,21 @@ impl Run<'_> {
             }
         }
 
-        let chosen = lineage::choose(
-            &inputs.user_refresh_token,
-            state_secret.as_ref().and_then(|s| s.data.as_ref()).and_then(lineage::decode),
-        );
+        // The user's Secret is read only when it changed since the lineage was checked against it.
+        let token_ref = &spec.refresh_token_secret_ref;
+        let ns = self.grant.namespace().unwrap_or_default();
+        let user_version = self.ctx.cache.meta(&ns, &token_ref.name).map(|m| m.resource_version.to_string());
+        let state = state_secret.as_ref().and_then(|s| s.data.as_ref()).and_then(lineage::decode);
+        let mut chosen = if lineage::unchanged(state.as_ref(), user_version.as_deref()) {
+            lineage::continued(state.expect("unchanged implies a state"))
+        } else {
+            let user = self.read_once(&token_ref.name, &token_ref.key).await?;
+            match inputs::user_token(user.as_ref(), &token_ref.name, &token_ref.key) {
+                Ok(token) => lineage::choose(&token, state),
+                Err(problem) => return self.input_problem(problem.reason, problem.message).await,
+            }
+        };
+        chosen.source_version = user_version;
         let fingerprint = self.request_fingerprint(&inputs, &chosen.refresh_token);
         if !chosen.adopted && chosen.failed.as_deref() == Some(fingerprint.as_str()) {
             // Refused for good with exactly these inputs: wait for the user to change one.
@@ -359,12 +442,8 @@ impl Run<'_> {
         let now = Timestamp::now();
         let published = target_secret.as_ref().and_then(target::published_token);
         let requested = self.grant.annotations().get(ANNOTATION_REFRESH_REQUESTED).cloned();
-        let mut handled = self.grant.status.as_ref().and_then(|s| s.refresh_request_handled.clone());
-        if requested.is_some() && requested != handled {
-            // The cached grant may predate our own last status write: confirm before refreshing.
-            let fresh = self.grants.get_status(&self.grant.name_any()).await?;
-            handled = fresh.status.and_then(|s| s.refresh_request_handled);
-        }
+        // The cached grant may predate our own last status write.
+        let handled = self.current_status().and_then(|s| s.refresh_request_handled);
         let decision = schedule::decide(&Observed {
             now,
             token: published,
@@ -383,7 +462,9 @@ impl Run<'_> {
                 self.set_ready(true, reason::REFRESHED, self.valid_message(token.expires_at), |s| {
                     s.expires_at = Some(Time(token.expires_at));
                     s.last_refresh_time = Some(Time(token.issued_at));
-                    s.next_refresh_time = Some(Time(at));
+                    // Whole seconds, as stored: an unrounded time would differ from the stored one
+                    // and be written again by every reconcile.
+                    s.next_refresh_time = Some(Time(ceil_seconds(at)));
                     s.failed_attempts = None;
                     s.last_failure_time = None;
                 })
@@ -411,6 +492,7 @@ impl Run<'_> {
         target_secret: Option<Secret>,
         published: Option<schedule::TokenTimes>,
     ) -> Result<Action, Error> {
+        let recovering = self.failed_attempts() > 0;
         let issuer = &self.grant.spec.issuer_url;
         let client_key = lineage::sha256_hex(&[issuer, &inputs.client_id, inputs.client_secret.secret()]);
         let config = self.ctx.client_config(issuer, inputs);
@@ -419,6 +501,21 @@ impl Run<'_> {
             Ok(client) => client,
             Err(err) => return self.refresh_failed(err, chosen, fingerprint, state_secret.as_ref(), published).await,
         };
+        // A refresh token may be presented once only, so the state it came from must be the latest:
+        // a copy this process wrote itself is; any other (a watch event, or none at all) may lag a
+        // write of the previous leader or process, and is confirmed with a consistent read.
+        let ns = self.grant.namespace().unwrap_or_default();
+        if !self.ctx.cache.is_own_copy(&ns, &self.state_name()) {
+            let stored = self.secrets.get_opt(&self.state_name()).await?;
+            let version = |s: &Option<Secret>| s.as_ref().and_then(|s| s.resource_version());
+            if version(&stored) != version(&state_secret) {
+                debug!("the cached state Secret was behind the stored one; deciding again");
+                if let Some(stored) = &stored {
+                    self.ctx.cache.wrote(stored);
+                }
+                return Ok(Action::requeue(Duration::from_millis(200)));
+            }
+        }
         // Checked after the last await before sending: a replica whose Lease may lapse before the
         // answer is persisted must not present the refresh token (the next leader would too).
         if !self.ctx.shared.leadership.may_send(self.ctx.options.lease_margin()) {
@@ -439,6 +536,7 @@ impl Run<'_> {
             let pending = Pending {
                 refresh_token: tokens.refresh_token.clone().unwrap_or_else(|| chosen.refresh_token.clone()),
                 source: chosen.source.clone(),
+                source_version: chosen.source_version.clone(),
                 tokens,
                 refreshed_at: whole_seconds(Timestamp::now()),
                 received,
@@ -464,7 +562,9 @@ impl Run<'_> {
         let id_token_problem = pending.tokens.id_token_error.clone();
         let next = self.publish(pending, state_secret.as_ref(), target_secret.as_ref(), Some(&client)).await?;
         self.ctx.memory.reset_api_backoff(&self.key);
-        self.event(EventType::Normal, reason::REFRESHED, format!("Access token refreshed: {}", why.as_str())).await;
+        if schedule::announce(why, recovering) {
+            self.event(EventType::Normal, reason::REFRESHED, format!("Access token refreshed: {}", why.as_str())).await;
+        }
         if let Some(problem) = id_token_problem {
             warn!(problem = %problem, "ID token of the refresh answer failed verification");
             let note = format!(
@@ -492,10 +592,13 @@ impl Run<'_> {
             .and_then(lineage::decode)
             .filter(|s| s.source == pending.source)
             .and_then(|s| s.phone);
-        let mut phone = id_token_phone.map(Some).or(known);
+        // A token whose granted scope lacks `phone` carries no phone number: nothing to ask userinfo.
+        let not_granted = target::phone_not_granted(pending.tokens.scope.as_deref()).then_some(None);
+        let mut phone = id_token_phone.map(Some).or(known).or(not_granted);
         let lineage_state = |phone: Option<Option<String>>| RefreshState {
             refresh_token: pending.refresh_token.clone(),
             source: pending.source.clone(),
+            source_version: pending.source_version.clone(),
             failed: None,
             phone,
         };
@@ -558,7 +661,7 @@ impl Run<'_> {
         self.set_ready(true, reason::REFRESHED, self.valid_message(expires_at), |s| {
             s.expires_at = Some(Time(expires_at));
             s.last_refresh_time = Some(Time(pending.refreshed_at));
-            s.next_refresh_time = Some(Time(next));
+            s.next_refresh_time = Some(Time(ceil_seconds(next)));
             s.scope.clone_from(&scope);
             if subject.is_some() {
                 s.subject.clone_from(&subject);
@@ -596,6 +699,7 @@ impl Run<'_> {
                 let data = lineage::encode(&RefreshState {
                     refresh_token: chosen.refresh_token,
                     source: chosen.source,
+                    source_version: chosen.source_version,
                     failed: Some(fingerprint),
                     phone: None,
                 });
@@ -722,16 +826,11 @@ impl Run<'_> {
             edit(&mut next);
             next
         };
-        let cached = self.grant.status.as_ref();
-        if Some(&next_from(cached)) == cached {
-            return Ok(());
-        }
-        // The cached grant may predate our own last status write (its watch event not seen yet):
-        // build on the status as stored, or the apply would drop fields only a refresh knows
-        // (subject, scope) or restore stale ones.
-        let stored = self.grants.get_status(&self.grant.name_any()).await?.status;
-        let next = next_from(stored.as_ref());
-        if Some(&next) == stored.as_ref() {
+        // The cached grant may predate our own last status write: build on that write then, or the
+        // apply would drop fields only a refresh knows (subject, scope) or restore stale ones.
+        let current = self.current_status();
+        let next = next_from(current.as_ref());
+        if Some(&next) == current.as_ref() {
             return Ok(());
         }
         let patch = serde_json::json!({
@@ -739,10 +838,23 @@ impl Run<'_> {
             "kind": WgtwoGrant::kind(&()),
             "status": next,
         });
-        self.grants
+        let written = self
+            .grants
             .patch_status(&self.grant.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch))
             .await?;
+        if let Some(version) = written.resource_version() {
+            self.ctx.memory.wrote_status(&self.key, version, written.status.unwrap_or(next));
+        }
         Ok(())
+    }
+
+    /// The grant's status as stored: the cached one, or this process's own last write when the
+    /// cache has not caught up with it yet.
+    fn current_status(&self) -> Option<WgtwoGrantStatus> {
+        self.ctx
+            .memory
+            .own_status(&self.key, self.grant.resource_version().as_deref())
+            .or_else(|| self.grant.status.clone())
     }
 
     /// Creates the Secret, or replaces it based on `existing`'s resourceVersion.
@@ -770,10 +882,28 @@ impl Run<'_> {
             data: Some(data),
             ..Default::default()
         };
-        match existing {
-            None => self.secrets.create(&PostParams::default(), &secret).await,
-            Some(_) => self.secrets.replace(name, &PostParams::default(), &secret).await,
-        }
+        let written = match existing {
+            None => self.secrets.create(&PostParams::default(), &secret).await?,
+            Some(_) => self.secrets.replace(name, &PostParams::default(), &secret).await?,
+        };
+        self.ctx.cache.wrote(&written);
+        Ok(written)
+    }
+
+    /// An operator-owned Secret (state or target) of this grant, from the cache.
+    async fn owned(&self, name: &str) -> Result<Option<Secret>, kube::Error> {
+        self.ctx.cache.owned(&self.secrets, &self.grant.namespace().unwrap_or_default(), name).await
+    }
+
+    /// `keys` of one of the grant's input Secrets, from the cache while its version is unchanged.
+    async fn read(&self, name: &str, keys: &[&str]) -> Result<Option<Secret>, kube::Error> {
+        self.ctx.cache.read(&self.secrets, &self.grant.namespace().unwrap_or_default(), name, keys, true).await
+    }
+
+    /// The user's refresh-token Secret: read only when it changed, and not kept (once the state
+    /// records its version it is not read again).
+    async fn read_once(&self, name: &str, key: &str) -> Result<Option<Secret>, kube::Error> {
+        self.ctx.cache.read(&self.secrets, &self.grant.namespace().unwrap_or_default(), name, &[key], false).await
     }
 
     fn owner_reference(&self) -> OwnerReference {
@@ -810,11 +940,51 @@ impl Run<'_> {
     }
 
     async fn event(&self, type_: EventType, why: &str, note: String) {
-        let event =
-            Event { type_, reason: why.to_owned(), note: Some(note), action: "Refresh".into(), secondary: None };
-        if let Err(err) = self.ctx.recorder.publish(&event, &self.grant.object_ref(&())).await {
+        let reference = self.grant.object_ref(&());
+        let result = match type_ {
+            // A routine success, at most once per refresh: created directly. kube's Recorder keeps the
+            // last Event of every grant for six minutes to count repeats (at 10,000 grants refreshing
+            // together: tens of MiB) and scans that cache on every publish.
+            EventType::Normal => {
+                let event = normal_event(&reference, why, note);
+                let events: Api<K8sEvent> =
+                    Api::namespaced(self.ctx.client.clone(), &self.grant.namespace().unwrap_or_default());
+                events.create(&PostParams::default(), &event).await.map(|_| ())
+            }
+            // Failures repeat with every retry: the Recorder counts them in one Event (series).
+            EventType::Warning => {
+                let event =
+                    Event { type_, reason: why.to_owned(), note: Some(note), action: ACTION.into(), secondary: None };
+                self.ctx.recorder.publish(&event, &reference).await
+            }
+        };
+        if let Err(err) = result {
             warn!(error = %err, "could not publish an Event");
         }
+    }
+}
+
+/// The `action` of the operator's Events.
+const ACTION: &str = "Refresh";
+
+/// A Normal Event as kube's Recorder writes it (events.k8s.io/v1), without its cache.
+fn normal_event(regarding: &k8s_openapi::api::core::v1::ObjectReference, why: &str, note: String) -> K8sEvent {
+    let now = Timestamp::now();
+    K8sEvent {
+        action: Some(ACTION.into()),
+        reason: Some(why.to_owned()),
+        event_time: Some(MicroTime(now)),
+        regarding: Some(regarding.clone()),
+        note: Some(note),
+        metadata: ObjectMeta {
+            namespace: regarding.namespace.clone(),
+            name: Some(format!("{}.{:x}", regarding.name.as_deref().unwrap_or(MANAGER), now.as_nanosecond())),
+            ..Default::default()
+        },
+        reporting_controller: Some(MANAGER.into()),
+        reporting_instance: Some(crate::kubeapi::pod_name().unwrap_or_else(|| MANAGER.into())),
+        type_: Some("Normal".into()),
+        ..Default::default()
     }
 }
 

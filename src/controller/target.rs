@@ -35,6 +35,12 @@ pub fn data(tokens: &TokenSet, expires_at: Timestamp, previous_phone: Option<Str
     data
 }
 
+/// Whether the identity service said which scope it granted, and `phone` is not in it (then the
+/// token carries no phone number). An answer without `scope` granted what was asked (RFC 6749 5.1).
+pub fn phone_not_granted(scope: Option<&str>) -> bool {
+    scope.is_some_and(|s| !s.split_ascii_whitespace().any(|granted| granted == "phone"))
+}
+
 /// `Bearer`, as RFC 6750 writes it in the Authorization header, whatever case the server used.
 fn canonical_token_type(t: &str) -> String {
     if t.eq_ignore_ascii_case("bearer") { "Bearer".to_owned() } else { t.to_owned() }
@@ -89,6 +95,14 @@ mod tests {
         assert_eq!(d["token_type"].0, b"Bearer");
         assert_eq!(d["expires_at"].0, b"2023-11-14T23:13:20Z");
         assert!(d.values().all(|v| v.0 != b"rt"));
+    }
+
+    #[test]
+    fn only_a_granted_scope_without_phone_rules_the_phone_number_out() {
+        assert!(phone_not_granted(Some("offline_access openid")));
+        assert!(!phone_not_granted(Some("phone offline_access")));
+        assert!(!phone_not_granted(Some("telephone phone")));
+        assert!(!phone_not_granted(None), "no scope in the answer: as asked, maybe with phone");
     }
 
     #[test]

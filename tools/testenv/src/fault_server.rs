@@ -61,17 +61,7 @@ impl FaultServer {
         let base = format!("http://{}", listener.local_addr()?);
         let shared = Arc::new(Shared::default());
         let token_endpoint = token_endpoint.unwrap_or_else(|| format!("{base}/oauth2/token"));
-        let discovery = json!({
-            "issuer": format!("{base}/"),
-            "authorization_endpoint": format!("{base}/oauth2/auth"),
-            "token_endpoint": token_endpoint,
-            "userinfo_endpoint": format!("{base}/userinfo"),
-            "revocation_endpoint": format!("{base}/oauth2/revoke"),
-            "jwks_uri": format!("{base}/.well-known/jwks.json"),
-            "response_types_supported": ["code"],
-            "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": ["RS256"],
-        });
+        let discovery = discovery(&base, &token_endpoint);
         let app = Router::new()
             .route("/.well-known/openid-configuration", get(move || async move { axum::Json(discovery) }))
             .route("/.well-known/jwks.json", get(|| async { axum::Json(json!({"keys": []})) }))
@@ -112,6 +102,21 @@ impl Drop for FaultServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A minimal OpenID Connect discovery document for a stub issuer at `base`.
+pub(crate) fn discovery(base: &str, token_endpoint: &str) -> serde_json::Value {
+    json!({
+        "issuer": format!("{base}/"),
+        "authorization_endpoint": format!("{base}/oauth2/auth"),
+        "token_endpoint": token_endpoint,
+        "userinfo_endpoint": format!("{base}/userinfo"),
+        "revocation_endpoint": format!("{base}/oauth2/revoke"),
+        "jwks_uri": format!("{base}/.well-known/jwks.json"),
+        "response_types_supported": ["code"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+    })
 }
 
 async fn userinfo(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {

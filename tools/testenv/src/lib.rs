@@ -11,12 +11,14 @@ pub mod hydra;
 pub mod process;
 pub mod recording_proxy;
 pub mod tcp_proxy;
+pub mod token_server;
 
 pub use control_plane::ControlPlane;
 pub use fault_server::{Fault, FaultServer, TokenRequest};
 pub use hydra::{Callback, Hydra, HydraOptions, OAuthClient, Subscriber};
 pub use recording_proxy::RecordingProxy;
 pub use tcp_proxy::TcpProxy;
+pub use token_server::RotatingTokenServer;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

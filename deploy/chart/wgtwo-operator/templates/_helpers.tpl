@@ -24,16 +24,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* The rules the operator needs on grants, their Secrets and Events, wherever grants live. */}}
 {{- define "wgtwo-operator.grantRules" -}}
-# Watch grants (list/watch feed the cache; get re-reads a grant's status before a requested refresh).
+# Watch grants (list/watch feed the cache; the operator never reads a grant one by one).
 - apiGroups: ["auth.wgtwo.com"]
   resources: ["wgtwogrants"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 # Write the Ready condition, expiry and schedule (server-side apply of the status subresource).
 - apiGroups: ["auth.wgtwo.com"]
   resources: ["wgtwogrants/status"]
-  verbs: ["get", "patch"]
-# get: read the client and refresh-token Secrets a grant names, and its own state/target Secrets.
-# list/watch: react when one of those Secrets changes (the operator watches metadata only).
+  verbs: ["patch"]
+# get: read the client and refresh-token Secrets a grant names when they changed.
+# list/watch: the metadata of every Secret (to react to changes), and the operator's own state and
+# target Secrets (label app.kubernetes.io/managed-by=wgtwo-operator) with their data.
 # create/update: write the target Secret and the state Secret (optimistic concurrency).
 # No delete or patch: owner references let Kubernetes remove them with the grant.
 - apiGroups: [""]

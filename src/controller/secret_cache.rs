@@ -1,0 +1,544 @@
+//! What the controller knows about Secrets without a request per reconcile:
+//!
+//! - `meta`: every Secret in scope, from a metadata-only watch: its resourceVersion and controller
+//!   owner, nothing else (no data, no managedFields).
+//! - `owned`: the Secrets labelled as managed by the operator (state and target), from a watch with
+//!   data, kept as the few keys the controller uses; own writes are recorded at once, so a reconcile
+//!   right after a write never builds on the watch's older copy.
+//! - `values`: the keys read from other Secrets (client, refresh token), fetched with a GET only
+//!   when the Secret's resourceVersion differs from the one they were read at.
+//!
+//! Written by hand rather than with kube's reflector stores: those keep every object whole (about
+//! 1 KiB per Secret even as metadata), where this keeps about 100 bytes per Secret and the data of
+//! the operator's own Secrets only.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, ObjectMeta};
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use tokio::sync::Notify;
+
+use super::{lineage, target};
+
+/// `namespace/name`.
+pub type Key = String;
+
+pub fn key(namespace: &str, name: &str) -> Key {
+    format!("{namespace}/{name}")
+}
+
+fn key_of(meta: &ObjectMeta) -> Key {
+    key(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
+}
+
+/// Keys of the operator's own Secrets that the controller reads back.
+const OWNED_KEYS: &[&str] = &[
+    lineage::KEY_REFRESH_TOKEN,
+    lineage::KEY_SOURCE,
+    lineage::KEY_SOURCE_VERSION,
+    lineage::KEY_FAILED,
+    lineage::KEY_PHONE_NUMBER,
+    lineage::KEY_PHONE_SOURCE,
+    target::KEY_ACCESS_TOKEN,
+    target::KEY_EXPIRES_AT,
+];
+const OWNED_ANNOTATIONS: &[&str] = &[target::ANNOTATION_REFRESHED_AT];
+/// Keys whose value the controller never reads back, only whether it is set: kept as one byte.
+const PRESENCE_ONLY: &[&str] = &[target::KEY_ACCESS_TOKEN];
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Meta {
+    pub resource_version: Box<str>,
+    /// uid of the controller owner.
+    pub owner: Option<Box<str>>,
+}
+
+/// A Secret as far as the controller needs it: metadata and some keys.
+#[derive(Clone, Debug)]
+struct Kept {
+    meta: Meta,
+    /// Written by this process (the copy is the latest, as long as it is the one kept).
+    own: bool,
+    annotations: Vec<(Box<str>, Box<str>)>,
+    data: Vec<(Box<str>, ByteString)>,
+}
+
+impl Kept {
+    fn from_secret(metadata: &ObjectMeta, data: Option<&BTreeMap<String, ByteString>>, keys: &[&str]) -> Self {
+        let data = data
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| keys.contains(&k.as_str()))
+            .map(|(k, v)| {
+                let value = match PRESENCE_ONLY.contains(&k.as_str()) {
+                    true if v.0.is_empty() => ByteString(Vec::new()),
+                    true => ByteString(b"*".to_vec()),
+                    false => v.clone(),
+                };
+                (k.as_str().into(), value)
+            })
+            .collect();
+        let annotations = metadata
+            .annotations
+            .iter()
+            .flatten()
+            .filter(|(k, _)| OWNED_ANNOTATIONS.contains(&k.as_str()))
+            .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+            .collect();
+        Self { meta: meta_of(metadata), own: false, annotations, data }
+    }
+
+    fn has(&self, keys: &[&str]) -> bool {
+        keys.iter().all(|k| self.data.iter().any(|(have, _)| &**have == *k))
+    }
+
+    /// A Secret with what is kept (for the pure functions that read Secrets).
+    fn to_secret(&self, namespace: &str, name: &str) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some(namespace.to_owned()),
+                resource_version: Some(self.meta.resource_version.to_string()),
+                owner_references: self.meta.owner.as_ref().map(|uid| {
+                    vec![OwnerReference { uid: uid.to_string(), controller: Some(true), ..Default::default() }]
+                }),
+                annotations: (!self.annotations.is_empty())
+                    .then(|| self.annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                ..Default::default()
+            },
+            data: Some(self.data.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()),
+            ..Default::default()
+        }
+    }
+}
+
+fn meta_of(metadata: &ObjectMeta) -> Meta {
+    Meta {
+        resource_version: metadata.resource_version.as_deref().unwrap_or_default().into(),
+        owner: metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+            .map(|o| o.uid.as_str().into()),
+    }
+}
+
+/// Whether a copy at resourceVersion `have` is at least as new as `seen` (what a watch shows).
+/// resourceVersions are etcd revisions in every apiserver; one that does not parse as a number
+/// only counts when equal.
+pub fn at_least_as_new(have: &str, seen: &str) -> bool {
+    have == seen || matches!((have.parse::<u64>(), seen.parse::<u64>()), (Ok(h), Ok(s)) if h > s)
+}
+
+/// A map fed by a watch, with the relist semantics of kube's watcher: objects not listed again
+/// are dropped at `InitDone`.
+struct Watched<V> {
+    map: RwLock<HashMap<Key, V>>,
+    relisted: Mutex<Option<HashSet<Key>>>,
+    synced: AtomicBool,
+}
+
+impl<V> Default for Watched<V> {
+    fn default() -> Self {
+        Self { map: Default::default(), relisted: Default::default(), synced: AtomicBool::new(false) }
+    }
+}
+
+impl<V> Watched<V> {
+    /// Applies a watch event; returns the keys removed at the end of a relist.
+    fn apply<K>(
+        &self,
+        event: &watcher::Event<K>,
+        value: impl Fn(&K) -> Option<(Key, V)>,
+        key: impl Fn(&K) -> Key,
+    ) -> Vec<Key> {
+        match event {
+            watcher::Event::Init => *self.relisted.lock().unwrap() = Some(HashSet::new()),
+            watcher::Event::InitApply(o) => {
+                let k = key(o);
+                if let Some(set) = self.relisted.lock().unwrap().as_mut() {
+                    set.insert(k.clone());
+                }
+                self.upsert(k, value(o));
+            }
+            watcher::Event::Apply(o) => self.upsert(key(o), value(o)),
+            watcher::Event::Delete(o) => {
+                self.map.write().unwrap().remove(&key(o));
+            }
+            watcher::Event::InitDone => {
+                let listed = self.relisted.lock().unwrap().take().unwrap_or_default();
+                let mut map = self.map.write().unwrap();
+                let gone: Vec<Key> = map.keys().filter(|k| !listed.contains(*k)).cloned().collect();
+                for k in &gone {
+                    map.remove(k);
+                }
+                map.shrink_to_fit();
+                self.synced.store(true, Ordering::Release);
+                return gone;
+            }
+        }
+        Vec::new()
+    }
+
+    fn upsert(&self, key: Key, value: Option<(Key, V)>) {
+        let mut map = self.map.write().unwrap();
+        match value {
+            Some((_, v)) => {
+                map.insert(key, v);
+            }
+            None => {
+                map.remove(&key);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct SecretCache {
+    meta: Watched<Meta>,
+    owned: Watched<Kept>,
+    /// Keys read from Secrets the operator does not own, at the resourceVersion they were read.
+    values: Mutex<HashMap<Key, Kept>>,
+    /// One GET at a time per Secret: reconciles of grants sharing a client Secret wait for it.
+    reading: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    synced: Notify,
+}
+
+impl SecretCache {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Both watches have listed everything once.
+    pub fn is_synced(&self) -> bool {
+        self.meta.synced.load(Ordering::Acquire) && self.owned.synced.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `within` for both watches to have listed everything.
+    pub async fn wait_synced(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.synced.notified();
+            if self.is_synced() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.is_synced();
+            }
+        }
+    }
+
+    pub fn apply_meta(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
+        let gone =
+            self.meta.apply(event, |s| Some((key_of(&s.metadata), meta_of(&s.metadata))), |s| key_of(&s.metadata));
+        let mut values = self.values.lock().unwrap();
+        match event {
+            watcher::Event::Delete(s) => {
+                values.remove(&key_of(&s.metadata));
+            }
+            watcher::Event::InitDone => {
+                for k in gone {
+                    values.remove(&k);
+                }
+                self.synced.notify_waiters();
+            }
+            _ => {}
+        }
+    }
+
+    pub fn apply_owned(&self, event: &watcher::Event<Secret>) {
+        self.owned.apply(
+            event,
+            |s| {
+                let key = key_of(&s.metadata);
+                let kept = Kept::from_secret(&s.metadata, s.data.as_ref(), OWNED_KEYS);
+                // A watch event can be older than the copy an own write recorded; one at the same
+                // version keeps that copy too (it knows it is this process's own).
+                let keep_newer = self
+                    .owned
+                    .map
+                    .read()
+                    .unwrap()
+                    .get(&key)
+                    .is_some_and(|have| at_least_as_new(&have.meta.resource_version, &kept.meta.resource_version));
+                if keep_newer {
+                    self.owned.map.read().unwrap().get(&key).cloned().map(|k| (key, k))
+                } else {
+                    Some((key, kept))
+                }
+            },
+            |s| key_of(&s.metadata),
+        );
+        if matches!(event, watcher::Event::InitDone) {
+            self.synced.notify_waiters();
+        }
+    }
+
+    /// Whether this watch event shows exactly what the operator itself last wrote (nothing to do).
+    pub fn is_own_write(&self, secret: &Secret) -> bool {
+        let key = key_of(&secret.metadata);
+        self.owned
+            .map
+            .read()
+            .unwrap()
+            .get(&key)
+            .is_some_and(|k| Some(&*k.meta.resource_version) == secret.metadata.resource_version.as_deref())
+    }
+
+    /// Whether the kept copy of an owned Secret is one this process wrote itself.
+    pub fn is_own_copy(&self, namespace: &str, name: &str) -> bool {
+        self.owned.map.read().unwrap().get(&key(namespace, name)).is_some_and(|k| k.own)
+    }
+
+    /// Records a Secret the operator just wrote (or read with a consistent GET).
+    pub fn wrote(&self, secret: &Secret) {
+        let mut kept = Kept::from_secret(&secret.metadata, secret.data.as_ref(), OWNED_KEYS);
+        kept.own = true;
+        let mut map = self.owned.map.write().unwrap();
+        let key = key_of(&secret.metadata);
+        if map.get(&key).is_none_or(|have| at_least_as_new(&kept.meta.resource_version, &have.meta.resource_version)) {
+            map.insert(key, kept);
+        }
+    }
+
+    /// The metadata of any Secret in scope (`None`: it does not exist).
+    pub fn meta(&self, namespace: &str, name: &str) -> Option<Meta> {
+        let key = key(namespace, name);
+        let owned = self.owned.map.read().unwrap().get(&key).map(|k| k.meta.clone());
+        let watched = self.meta.map.read().unwrap().get(&key).cloned();
+        match (owned, watched) {
+            (Some(o), Some(w)) => Some(if at_least_as_new(&o.resource_version, &w.resource_version) { o } else { w }),
+            (o, w) => o.or(w),
+        }
+    }
+
+    /// An operator-owned Secret (state or target) with the keys the controller reads, as the watch or
+    /// the operator's own last write left it; read with a GET only when the metadata watch shows a
+    /// newer version (or a Secret the owned watch has not delivered). `None`: it does not exist.
+    pub async fn owned(&self, api: &Api<Secret>, namespace: &str, name: &str) -> Result<Option<Secret>, kube::Error> {
+        let key = key(namespace, name);
+        let kept = self.owned.map.read().unwrap().get(&key).cloned();
+        let seen = self.meta.map.read().unwrap().get(&key).cloned();
+        match (kept, seen) {
+            (None, None) => return Ok(None),
+            (Some(k), None) => return Ok(Some(k.to_secret(namespace, name))),
+            (Some(k), Some(s)) if at_least_as_new(&k.meta.resource_version, &s.resource_version) => {
+                return Ok(Some(k.to_secret(namespace, name)));
+            }
+            _ => {}
+        }
+        let Some(secret) = api.get_opt(name).await? else {
+            return Ok(None);
+        };
+        let managed = secret.labels().get(super::LABEL_MANAGED_BY).is_some_and(|v| v == super::MANAGER);
+        if managed {
+            self.wrote(&secret);
+        }
+        Ok(Some(Kept::from_secret(&secret.metadata, secret.data.as_ref(), OWNED_KEYS).to_secret(namespace, name)))
+    }
+
+    /// `keys` of a Secret the operator does not own: from the cache when it was read at the
+    /// resourceVersion the watch shows, else with a GET (kept for the next read when `keep`).
+    /// `None`: the Secret does not exist.
+    pub async fn read(
+        &self,
+        api: &Api<Secret>,
+        namespace: &str,
+        name: &str,
+        keys: &[&str],
+        keep: bool,
+    ) -> Result<Option<Secret>, kube::Error> {
+        let key = key(namespace, name);
+        if let Some(hit) = self.cached_read(&key, namespace, name, keys) {
+            return Ok(hit);
+        }
+        let lock = self.reading.lock().unwrap().entry(key.clone()).or_default().clone();
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            match self.cached_read(&key, namespace, name, keys) {
+                Some(hit) => Ok(hit),
+                None => self.fetch(api, key.clone(), namespace, name, keys, keep).await,
+            }
+        };
+        let mut reading = self.reading.lock().unwrap();
+        // Held only by the map and by this call: nobody else waits for it.
+        if Arc::strong_count(&lock) == 2 {
+            reading.remove(&key);
+        }
+        result
+    }
+
+    /// `Some` when the cache can answer: the Secret does not exist, or its keys were read at the
+    /// version the watch shows.
+    fn cached_read(&self, key: &Key, namespace: &str, name: &str, keys: &[&str]) -> Option<Option<Secret>> {
+        let Some(seen) = self.meta(namespace, name) else {
+            return Some(None);
+        };
+        let values = self.values.lock().unwrap();
+        let kept = values.get(key)?;
+        (at_least_as_new(&kept.meta.resource_version, &seen.resource_version) && kept.has(keys))
+            .then(|| Some(kept.to_secret(namespace, name)))
+    }
+
+    async fn fetch(
+        &self,
+        api: &Api<Secret>,
+        key: Key,
+        namespace: &str,
+        name: &str,
+        keys: &[&str],
+        keep: bool,
+    ) -> Result<Option<Secret>, kube::Error> {
+        let Some(secret) = api.get_opt(name).await? else {
+            return Ok(None);
+        };
+        // Keys other grants read from this Secret stay kept, if it did not change.
+        let mut wanted: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        if let Some(kept) = self.values.lock().unwrap().get(&key)
+            && kept.meta.resource_version.as_ref() == secret.resource_version().as_deref().unwrap_or_default()
+        {
+            wanted.extend(kept.data.iter().map(|(k, _)| k.to_string()).filter(|k| !keys.contains(&k.as_str())));
+        }
+        let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        let kept = Kept::from_secret(&secret.metadata, secret.data.as_ref(), &wanted);
+        let out = kept.to_secret(namespace, name);
+        if keep {
+            self.values.lock().unwrap().insert(key, kept);
+        }
+        Ok(Some(out))
+    }
+
+    #[cfg(test)]
+    fn peek_owned(&self, name: &str) -> Option<Secret> {
+        self.owned.map.read().unwrap().get(&key("ns", name)).map(|k| k.to_secret("ns", name))
+    }
+
+    /// Entries kept, for the memory gauges.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.meta.map.read().unwrap().len(), self.owned.map.read().unwrap().len(), self.values.lock().unwrap().len())
+    }
+}
+
+/// Drops what the controller never reads from a watched object before it is kept or compared:
+/// managedFields (often larger than the object) and kubectl's copy of the last applied manifest.
+pub fn strip<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// What the grant cache keeps of a grant's metadata: name, namespace, uid, version, generation,
+/// deletion and the operator's own annotations (so other annotations neither cost memory nor
+/// trigger reconciles). Everything else (labels, owners, finalizers, managedFields, other
+/// annotations) is dropped before the grant is stored.
+pub fn strip_grant<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.creation_timestamp = None;
+    meta.generate_name = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.retain(|k, _| k.starts_with(crate::api::ANNOTATION_PREFIX));
+        if a.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(name: &str, rv: &str, owner: Option<&str>, data: &[(&str, &str)]) -> Secret {
+        let mut s = wgtwo_testenv::string_secret(name, data);
+        s.metadata.namespace = Some("ns".into());
+        s.metadata.resource_version = Some(rv.into());
+        s.metadata.owner_references =
+            owner.map(|uid| vec![OwnerReference { uid: uid.into(), controller: Some(true), ..Default::default() }]);
+        s
+    }
+
+    fn meta(s: &Secret) -> PartialObjectMeta<Secret> {
+        PartialObjectMeta { types: None, metadata: s.metadata.clone(), _phantom: Default::default() }
+    }
+
+    #[test]
+    fn newer_means_a_larger_revision_and_unparseable_versions_only_match_exactly() {
+        assert!(at_least_as_new("10", "10"));
+        assert!(at_least_as_new("11", "10"));
+        assert!(!at_least_as_new("9", "10"));
+        assert!(at_least_as_new("x", "x"));
+        assert!(!at_least_as_new("y", "x"));
+    }
+
+    #[test]
+    fn an_own_write_wins_over_an_older_watch_event_and_yields_to_a_newer_one() {
+        let cache = SecretCache::default();
+        let written = secret("g-wgtwo-state", "20", Some("uid"), &[("refresh_token", "new")]);
+        cache.wrote(&written);
+        // The watch delivers the version before our write only now.
+        cache.apply_owned(&watcher::Event::Apply(secret(
+            "g-wgtwo-state",
+            "15",
+            Some("uid"),
+            &[("refresh_token", "old")],
+        )));
+        let s = cache.peek_owned("g-wgtwo-state").unwrap();
+        assert_eq!(s.data.unwrap()["refresh_token"].0, b"new");
+        assert!(cache.is_own_write(&written));
+        assert!(cache.is_own_copy("ns", "g-wgtwo-state"));
+        // The watch delivers our write: still our own copy.
+        cache.apply_owned(&watcher::Event::Apply(written.clone()));
+        assert!(cache.is_own_copy("ns", "g-wgtwo-state"));
+        // Someone else wrote after us.
+        cache.apply_owned(&watcher::Event::Apply(secret(
+            "g-wgtwo-state",
+            "25",
+            Some("uid"),
+            &[("refresh_token", "other")],
+        )));
+        assert_eq!(cache.peek_owned("g-wgtwo-state").unwrap().data.unwrap()["refresh_token"].0, b"other");
+        assert!(!cache.is_own_write(&written));
+        assert!(!cache.is_own_copy("ns", "g-wgtwo-state"), "another writer's copy must be confirmed before use");
+    }
+
+    #[test]
+    fn a_relist_drops_what_is_gone_and_only_keys_the_controller_reads_are_kept() {
+        let cache = SecretCache::default();
+        let a = secret("a", "1", None, &[("client_id", "id")]);
+        let t = secret("t", "2", Some("uid"), &[("access_token", "at"), ("unrelated", "big")]);
+        for e in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(meta(&a)),
+            watcher::Event::InitApply(meta(&t)),
+            watcher::Event::InitDone,
+        ] {
+            cache.apply_meta(&e);
+        }
+        for e in [watcher::Event::Init, watcher::Event::InitApply(t.clone()), watcher::Event::InitDone] {
+            cache.apply_owned(&e);
+        }
+        assert!(cache.is_synced());
+        let kept = cache.peek_owned("t").unwrap();
+        assert_eq!(kept.data.unwrap().keys().collect::<Vec<_>>(), ["access_token"]);
+        assert_eq!(cache.meta("ns", "a").unwrap().owner, None);
+        for e in [watcher::Event::Init, watcher::Event::InitApply(meta(&t)), watcher::Event::InitDone] {
+            cache.apply_meta(&e);
+        }
+        assert_eq!(cache.meta("ns", "a"), None, "not listed again: deleted while the watch was down");
+        assert_eq!(cache.sizes().0, 1);
+    }
+}
