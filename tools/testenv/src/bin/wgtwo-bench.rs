@@ -21,13 +21,14 @@ use kube::runtime::watcher;
 use serde_json::json;
 use wgtwo_testenv::process::ChildGuard;
 use wgtwo_testenv::token_server::{RotatingTokenServer, USER_TOKEN_PREFIX};
-use wgtwo_testenv::{ControlPlane, string_secret};
+use wgtwo_testenv::{ControlPlane, Hydra, HydraOptions, Subscriber, string_secret};
 
 const NS: &str = "bench";
 const BASELINE_NS: &str = "baseline";
 const OPERATOR_NS: &str = "wgtwo-system";
 const OPERATOR_SA: &str = "wgtwo-operator";
 const REFRESH_ANNOTATION: &str = "auth.wgtwo.com/refresh-requested-at";
+const HYDRA_REDIRECT: &str = "https://example.com/callback";
 
 struct Args {
     operator: PathBuf,
@@ -39,10 +40,11 @@ struct Args {
     baseline: bool,
     check: bool,
     soak_only: bool,
+    hydra: bool,
 }
 
 fn usage() -> &'static str {
-    "usage: wgtwo-bench --operator PATH [--grants N (1000)] [--concurrency C (operator default)] [--clients K (10)] [--soak SECONDS (0) --token-lifetime SECONDS (3600) [--soak-only]] [--no-baseline] [--check: exit 1 if a request or token count target is missed]"
+    "usage: wgtwo-bench --operator PATH [--grants N (1000)] [--concurrency C (operator default)] [--clients K (10)] [--soak SECONDS (0) --token-lifetime SECONDS (3600) [--soak-only]] [--no-baseline] [--check: exit 1 if a request or token count target is missed] [--hydra: a real Ory Hydra instead of the stub, for a small N]"
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -56,6 +58,7 @@ fn args() -> anyhow::Result<Args> {
         baseline: true,
         check: false,
         soak_only: false,
+        hydra: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -70,11 +73,16 @@ fn args() -> anyhow::Result<Args> {
             "--no-baseline" => args.baseline = false,
             "--check" => args.check = true,
             "--soak-only" => args.soak_only = true,
+            "--hydra" => args.hydra = true,
             other => bail!("unknown argument {other}; {}", usage()),
         }
     }
     anyhow::ensure!(!args.operator.as_os_str().is_empty(), "{}", usage());
     anyhow::ensure!(args.grants > 0 && args.clients > 0 && args.concurrency > 0, "{}", usage());
+    if args.hydra {
+        // One OAuth client registered at Hydra.
+        args.clients = 1;
+    }
     Ok(args)
 }
 
@@ -196,6 +204,75 @@ impl Checks {
     }
 }
 
+// ---------------------------------------------------------------- the identity service
+
+/// The fast stub (default), or a real Ory Hydra (`--hydra`, for a small N: every subscriber
+/// authorizes through Hydra's login and consent with `wgtwo-operator authorize`).
+enum Issuer {
+    Stub(RotatingTokenServer),
+    Hydra { hydra: Box<Hydra>, ca_file: PathBuf },
+}
+
+impl Issuer {
+    fn base_url(&self) -> String {
+        match self {
+            Issuer::Stub(s) => s.base_url().to_owned(),
+            Issuer::Hydra { hydra, .. } => hydra.base_url(),
+        }
+    }
+
+    fn token_requests(&self) -> usize {
+        match self {
+            Issuer::Stub(s) => s.token_requests(),
+            Issuer::Hydra { hydra, .. } => hydra.token_requests(),
+        }
+    }
+
+    /// Refresh tokens presented again. Hydra refuses them (the grant then never gets Ready, which
+    /// the benchmark reports); only the stub counts them.
+    fn reused(&self) -> usize {
+        match self {
+            Issuer::Stub(s) => s.reused(),
+            Issuer::Hydra { .. } => 0,
+        }
+    }
+}
+
+/// Grant `g{i}` authorized at Hydra by a simulated subscriber through `wgtwo-operator authorize
+/// --paste`, which writes its refresh-token Secret and the grant.
+async fn authorize_at_hydra(
+    operator: &Path,
+    kubeconfig: &Path,
+    hydra: &Hydra,
+    ca_file: &Path,
+    i: usize,
+) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = Command::new(operator)
+        .args(["authorize", &format!("g{i}"), "-n", NS, "--paste", "--no-browser", "--client-secret", "client-0"])
+        .args(["--redirect-uri", HYDRA_REDIRECT, "--issuer-url", &hydra.base_url()])
+        .arg("--ca-bundle")
+        .arg(ca_file)
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("start wgtwo-operator authorize")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+    let url = loop {
+        let mut line = String::new();
+        anyhow::ensure!(stdout.read_line(&mut line)? > 0, "authorize printed no URL");
+        if line.trim().starts_with("https://") {
+            break line.trim().to_owned();
+        }
+    };
+    let callback = hydra.authorize(&url, &Subscriber::new(&format!("subscriber-{i}"), "+4799999999")).await?;
+    writeln!(child.stdin.as_mut().context("stdin")?, "{}", callback.url)?;
+    std::io::copy(&mut stdout, &mut std::io::sink())?;
+    anyhow::ensure!(child.wait()?.success(), "authorize g{i} failed");
+    Ok(())
+}
+
 // ---------------------------------------------------------------- the operator process
 
 struct Operator {
@@ -247,7 +324,7 @@ struct Bench {
     args: Args,
     cp: ControlPlane,
     admin: kube::Client,
-    tokens: RotatingTokenServer,
+    tokens: Issuer,
     operator_kubeconfig: PathBuf,
     dir: tempfile::TempDir,
     starts: usize,
@@ -266,11 +343,14 @@ impl Bench {
         cmd.args(&words[1..]);
         cmd.args(["run", "--namespace", NS, "--concurrency", &self.args.concurrency.to_string()])
             .args(["--metrics-bind-address", &format!("127.0.0.1:{port}")])
-            .args(["--allowed-issuer", self.tokens.base_url()])
+            .args(["--allowed-issuer", &self.tokens.base_url()])
             .args(["--leader-election-namespace", OPERATOR_NS])
             .env("POD_NAME", format!("operator-{}", self.starts))
             .env("KUBECONFIG", &self.operator_kubeconfig)
             .env("RUST_LOG", "info");
+        if let Issuer::Hydra { ca_file, .. } = &self.tokens {
+            cmd.arg("--ca-bundle").arg(ca_file);
+        }
         let log = self.dir.path().join(format!("operator-{}.log", self.starts));
         let process = ChildGuard::spawn("wgtwo-operator", cmd, &log)?;
         let pid = process.pid();
@@ -463,6 +543,35 @@ async fn baseline(admin: &kube::Client, n: usize, concurrency: usize) -> anyhow:
     Ok(started.elapsed())
 }
 
+/// N grants over `clients` OAuth clients against the stub, with user refresh tokens it accepts once.
+async fn create_stub_grants(
+    admin: &kube::Client,
+    secrets: &Api<Secret>,
+    issuer: &str,
+    n: usize,
+    clients: usize,
+) -> anyhow::Result<()> {
+    for c in 0..clients {
+        let secret = string_secret(
+            &format!("client-{c}"),
+            &[("client_id", &format!("client-{c}")), ("client_secret", &format!("secret-{c}"))],
+        );
+        secrets.create(&PostParams::default(), &secret).await?;
+    }
+    for_each(n, 64, |i| {
+        let (secrets, api) = (secrets.clone(), grants(admin, NS));
+        async move {
+            let name = format!("g{i}");
+            let token = format!("{USER_TOKEN_PREFIX}{i}");
+            let user = string_secret(&format!("{name}-authorization"), &[("refresh_token", &token)]);
+            secrets.create(&PostParams::default(), &user).await?;
+            api.create(&PostParams::default(), &grant(&name, issuer, &format!("client-{}", i % clients))).await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
 async fn annotate_all(admin: &kube::Client, n: usize, key: &str, value: &str) -> anyhow::Result<()> {
     let api = grants(admin, NS);
     for_each(n, 32, |i| {
@@ -497,38 +606,31 @@ async fn main() -> anyhow::Result<()> {
         cp.create_namespace(ns).await?;
     }
     let admin = cp.admin_client().await?;
-    let tokens = RotatingTokenServer::start(args.token_lifetime).await?;
-    let mut bench =
-        Bench { args, cp, admin: admin.clone(), tokens, operator_kubeconfig, dir: tempfile::tempdir()?, starts: 0 };
+    let dir = tempfile::tempdir()?;
+    let tokens = if args.hydra {
+        let options = HydraOptions { access_token_ttl: Duration::from_secs(args.token_lifetime), ..Default::default() };
+        let hydra = Hydra::start(options).await?;
+        let ca_file = dir.path().join("hydra-ca.pem");
+        std::fs::write(&ca_file, hydra.ca_pem())?;
+        Issuer::Hydra { hydra: Box::new(hydra), ca_file }
+    } else {
+        Issuer::Stub(RotatingTokenServer::start(args.token_lifetime).await?)
+    };
+    let mut bench = Bench { args, cp, admin: admin.clone(), tokens, operator_kubeconfig, dir, starts: 0 };
     let concurrency = bench.args.concurrency;
 
     let created = Instant::now();
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), NS);
-    for c in 0..bench.args.clients {
-        let secret = string_secret(
-            &format!("client-{c}"),
-            &[("client_id", &format!("client-{c}")), ("client_secret", &format!("secret-{c}"))],
-        );
-        secrets.create(&PostParams::default(), &secret).await?;
-    }
-    let issuer = bench.tokens.base_url().to_owned();
-    let clients = bench.args.clients;
-    for_each(n, 64, |i| {
-        let (secrets, api, issuer) = (secrets.clone(), grants(&admin, NS), issuer.clone());
-        async move {
-            let name = format!("g{i}");
-            let token = format!("{USER_TOKEN_PREFIX}{i}");
-            secrets
-                .create(
-                    &PostParams::default(),
-                    &string_secret(&format!("{name}-authorization"), &[("refresh_token", &token)]),
-                )
-                .await?;
-            api.create(&PostParams::default(), &grant(&name, &issuer, &format!("client-{}", i % clients))).await?;
-            Ok(())
+    if let Issuer::Hydra { hydra, ca_file } = &bench.tokens {
+        // One OAuth client, as `client-0`; subscribers authorize one after another.
+        let client = hydra.create_client(&[HYDRA_REDIRECT]).await?;
+        secrets.create(&PostParams::default(), &client.kube_secret("client-0")).await?;
+        for i in 0..n {
+            authorize_at_hydra(&bench.args.operator, bench.cp.admin_kubeconfig(), hydra, ca_file, i).await?;
         }
-    })
-    .await?;
+    } else {
+        create_stub_grants(&admin, &secrets, &bench.tokens.base_url(), n, bench.args.clients).await?;
+    }
     println!("    created {n} grants and their Secrets in {:.1} s", created.elapsed().as_secs_f64());
 
     let baseline_time = if bench.args.baseline {
@@ -547,6 +649,7 @@ async fn main() -> anyhow::Result<()> {
 
     println!("\n==> first convergence: operator started after the grants exist");
     let before = apiserver_requests(&admin).await?;
+    let tokens_at_start = bench.tokens.token_requests();
     let mut op = bench.start_operator()?;
     let synced = op.ready().await?;
     wait_view(&view, "all grants Ready", Duration::from_secs(1800), |v| v.ready() == n).await?;
@@ -556,7 +659,7 @@ async fn main() -> anyhow::Result<()> {
     let after = apiserver_requests(&admin).await?;
     let s = op.samples();
     let peak_unpersisted = metric(&op.metrics().await, "wgtwo_operator_unpersisted_refresh_tokens_peak");
-    let token_requests = bench.tokens.token_requests();
+    let token_requests = bench.tokens.token_requests() - tokens_at_start;
     println!(
         "    synced (readyz) after {:.2} s; all {n} Ready after {:.2} s",
         synced.as_secs_f64(),
