@@ -332,6 +332,8 @@ struct Run<'a> {
     grant: &'a WgtwoGrant,
     ctx: &'a Context,
     key: ObjectRef<WgtwoGrant>,
+    /// The grant's namespace, where every Secret it names lives.
+    ns: String,
     secrets: Api<Secret>,
     grants: Api<WgtwoGrant>,
 }
@@ -358,6 +360,7 @@ async fn reconcile(grant: Arc<WgtwoGrant>, ctx: Arc<Context>) -> Result<Action, 
         key: key.clone(),
         secrets: Api::namespaced(ctx.client.clone(), &ns),
         grants: Api::namespaced(ctx.client.clone(), &ns),
+        ns,
     };
     let result = run.reconcile().await;
     // Deleted while this reconcile ran: the watch has forgotten it already, and what this
@@ -420,8 +423,7 @@ impl Run<'_> {
 
         // The user's Secret is read only when it changed since the lineage was checked against it.
         let token_ref = &spec.refresh_token_secret_ref;
-        let ns = self.grant.namespace().unwrap_or_default();
-        let user_version = self.ctx.cache.meta(&ns, &token_ref.name).map(|m| m.resource_version.to_string());
+        let user_version = self.ctx.cache.meta(&self.ns, &token_ref.name).map(|m| m.resource_version.to_string());
         let state = state_secret.as_ref().and_then(|s| s.data.as_ref()).and_then(lineage::decode);
         let mut chosen = if lineage::unchanged(state.as_ref(), user_version.as_deref()) {
             lineage::continued(state.expect("unchanged implies a state"))
@@ -504,8 +506,7 @@ impl Run<'_> {
         // A refresh token may be presented once only, so the state it came from must be the latest:
         // a copy this process wrote itself is; any other (a watch event, or none at all) may lag a
         // write of the previous leader or process, and is confirmed with a consistent read.
-        let ns = self.grant.namespace().unwrap_or_default();
-        if !self.ctx.cache.is_own_copy(&ns, &self.state_name()) {
+        if !self.ctx.cache.is_own_copy(&self.ns, &self.state_name()) {
             let stored = self.secrets.get_opt(&self.state_name()).await?;
             let version = |s: &Option<Secret>| s.as_ref().and_then(|s| s.resource_version());
             if version(&stored) != version(&state_secret) {
@@ -550,9 +551,8 @@ impl Run<'_> {
             Err(e) if e.class() == ErrorClass::Permanent => metrics::result::REJECTED,
             Err(_) => metrics::result::RETRYABLE_ERROR,
         };
-        let ns = self.grant.namespace().unwrap_or_default();
         let seconds = received.duration_since(sent).as_secs_f64();
-        self.ctx.shared.metrics.refresh(&ns, &self.grant.name_any(), outcome, seconds);
+        self.ctx.shared.metrics.refresh(&self.ns, &self.grant.name_any(), outcome, seconds);
         let pending = match tokens {
             Ok(pending) => pending,
             Err(err) => return self.refresh_failed(err, chosen, fingerprint, state_secret.as_ref(), published).await,
@@ -892,18 +892,18 @@ impl Run<'_> {
 
     /// An operator-owned Secret (state or target) of this grant, from the cache.
     async fn owned(&self, name: &str) -> Result<Option<Secret>, kube::Error> {
-        self.ctx.cache.owned(&self.secrets, &self.grant.namespace().unwrap_or_default(), name).await
+        self.ctx.cache.owned(&self.secrets, &self.ns, name).await
     }
 
     /// `keys` of one of the grant's input Secrets, from the cache while its version is unchanged.
     async fn read(&self, name: &str, keys: &[&str]) -> Result<Option<Secret>, kube::Error> {
-        self.ctx.cache.read(&self.secrets, &self.grant.namespace().unwrap_or_default(), name, keys, true).await
+        self.ctx.cache.read(&self.secrets, &self.ns, name, keys, true).await
     }
 
     /// The user's refresh-token Secret: read only when it changed, and not kept (once the state
     /// records its version it is not read again).
     async fn read_once(&self, name: &str, key: &str) -> Result<Option<Secret>, kube::Error> {
-        self.ctx.cache.read(&self.secrets, &self.grant.namespace().unwrap_or_default(), name, &[key], false).await
+        self.ctx.cache.read(&self.secrets, &self.ns, name, &[key], false).await
     }
 
     fn owner_reference(&self) -> OwnerReference {
@@ -942,13 +942,12 @@ impl Run<'_> {
     async fn event(&self, type_: EventType, why: &str, note: String) {
         let reference = self.grant.object_ref(&());
         let result = match type_ {
-            // A routine success, at most once per refresh: created directly. kube's Recorder keeps the
-            // last Event of every grant for six minutes to count repeats (at 10,000 grants refreshing
-            // together: tens of MiB) and scans that cache on every publish.
+            // A success, at most once per refresh (`schedule::announce`): created directly. kube's
+            // Recorder keeps the last Event of every grant for six minutes to count repeats (at
+            // 10,000 grants refreshing together: tens of MiB) and scans that cache on every publish.
             EventType::Normal => {
                 let event = normal_event(&reference, why, note);
-                let events: Api<K8sEvent> =
-                    Api::namespaced(self.ctx.client.clone(), &self.grant.namespace().unwrap_or_default());
+                let events: Api<K8sEvent> = Api::namespaced(self.ctx.client.clone(), &self.ns);
                 events.create(&PostParams::default(), &event).await.map(|_| ())
             }
             // Failures repeat with every retry: the Recorder counts them in one Event (series).

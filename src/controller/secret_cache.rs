@@ -139,8 +139,36 @@ pub fn at_least_as_new(have: &str, seen: &str) -> bool {
     have == seen || matches!((have.parse::<u64>(), seen.parse::<u64>()), (Ok(h), Ok(s)) if h > s)
 }
 
+/// A copy of a Secret at a resourceVersion.
+trait Versioned {
+    fn version(&self) -> &str;
+    /// Another copy at the same version arrived (e.g. the watch event of an own write).
+    fn same_version(&mut self, _other: Self)
+    where
+        Self: Sized,
+    {
+    }
+}
+
+impl Versioned for Meta {
+    fn version(&self) -> &str {
+        &self.resource_version
+    }
+}
+
+impl Versioned for Kept {
+    fn version(&self) -> &str {
+        &self.meta.resource_version
+    }
+
+    fn same_version(&mut self, other: Self) {
+        self.own |= other.own;
+    }
+}
+
 /// A map fed by a watch, with the relist semantics of kube's watcher: objects not listed again
-/// are dropped at `InitDone`.
+/// are dropped at `InitDone`. A copy only replaces an older one, so a lagging watch event never
+/// undoes an own write.
 struct Watched<V> {
     map: RwLock<HashMap<Key, V>>,
     relisted: Mutex<Option<HashSet<Key>>>,
@@ -153,14 +181,9 @@ impl<V> Default for Watched<V> {
     }
 }
 
-impl<V> Watched<V> {
+impl<V: Versioned> Watched<V> {
     /// Applies a watch event; returns the keys removed at the end of a relist.
-    fn apply<K>(
-        &self,
-        event: &watcher::Event<K>,
-        value: impl Fn(&K) -> Option<(Key, V)>,
-        key: impl Fn(&K) -> Key,
-    ) -> Vec<Key> {
+    fn apply<K>(&self, event: &watcher::Event<K>, value: impl Fn(&K) -> V, key: impl Fn(&K) -> Key) -> Vec<Key> {
         match event {
             watcher::Event::Init => *self.relisted.lock().unwrap() = Some(HashSet::new()),
             watcher::Event::InitApply(o) => {
@@ -189,14 +212,13 @@ impl<V> Watched<V> {
         Vec::new()
     }
 
-    fn upsert(&self, key: Key, value: Option<(Key, V)>) {
+    fn upsert(&self, key: Key, value: V) {
         let mut map = self.map.write().unwrap();
-        match value {
-            Some((_, v)) => {
-                map.insert(key, v);
-            }
-            None => {
-                map.remove(&key);
+        match map.get_mut(&key) {
+            Some(have) if have.version() == value.version() => have.same_version(value),
+            Some(have) if at_least_as_new(have.version(), value.version()) => {}
+            _ => {
+                map.insert(key, value);
             }
         }
     }
@@ -238,8 +260,7 @@ impl SecretCache {
     }
 
     pub fn apply_meta(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
-        let gone =
-            self.meta.apply(event, |s| Some((key_of(&s.metadata), meta_of(&s.metadata))), |s| key_of(&s.metadata));
+        let gone = self.meta.apply(event, |s| meta_of(&s.metadata), |s| key_of(&s.metadata));
         let mut values = self.values.lock().unwrap();
         match event {
             watcher::Event::Delete(s) => {
@@ -258,24 +279,7 @@ impl SecretCache {
     pub fn apply_owned(&self, event: &watcher::Event<Secret>) {
         self.owned.apply(
             event,
-            |s| {
-                let key = key_of(&s.metadata);
-                let kept = Kept::from_secret(&s.metadata, s.data.as_ref(), OWNED_KEYS);
-                // A watch event can be older than the copy an own write recorded; one at the same
-                // version keeps that copy too (it knows it is this process's own).
-                let keep_newer = self
-                    .owned
-                    .map
-                    .read()
-                    .unwrap()
-                    .get(&key)
-                    .is_some_and(|have| at_least_as_new(&have.meta.resource_version, &kept.meta.resource_version));
-                if keep_newer {
-                    self.owned.map.read().unwrap().get(&key).cloned().map(|k| (key, k))
-                } else {
-                    Some((key, kept))
-                }
-            },
+            |s| Kept::from_secret(&s.metadata, s.data.as_ref(), OWNED_KEYS),
             |s| key_of(&s.metadata),
         );
         if matches!(event, watcher::Event::InitDone) {
@@ -303,11 +307,7 @@ impl SecretCache {
     pub fn wrote(&self, secret: &Secret) {
         let mut kept = Kept::from_secret(&secret.metadata, secret.data.as_ref(), OWNED_KEYS);
         kept.own = true;
-        let mut map = self.owned.map.write().unwrap();
-        let key = key_of(&secret.metadata);
-        if map.get(&key).is_none_or(|have| at_least_as_new(&kept.meta.resource_version, &have.meta.resource_version)) {
-            map.insert(key, kept);
-        }
+        self.owned.upsert(key_of(&secret.metadata), kept);
     }
 
     /// The metadata of any Secret in scope (`None`: it does not exist).
@@ -422,8 +422,8 @@ impl SecretCache {
         self.owned.map.read().unwrap().get(&key("ns", name)).map(|k| k.to_secret("ns", name))
     }
 
-    /// Entries kept, for the memory gauges.
-    pub fn sizes(&self) -> (usize, usize, usize) {
+    #[cfg(test)]
+    fn sizes(&self) -> (usize, usize, usize) {
         (self.meta.map.read().unwrap().len(), self.owned.map.read().unwrap().len(), self.values.lock().unwrap().len())
     }
 }

@@ -61,10 +61,7 @@ impl FaultServer {
         let base = format!("http://{}", listener.local_addr()?);
         let shared = Arc::new(Shared::default());
         let token_endpoint = token_endpoint.unwrap_or_else(|| format!("{base}/oauth2/token"));
-        let discovery = discovery(&base, &token_endpoint);
-        let app = Router::new()
-            .route("/.well-known/openid-configuration", get(move || async move { axum::Json(discovery) }))
-            .route("/.well-known/jwks.json", get(|| async { axum::Json(json!({"keys": []})) }))
+        let app = discovery_routes(&base, &token_endpoint)
             .route("/oauth2/token", post(token))
             .route("/userinfo", get(userinfo))
             .with_state(shared.clone());
@@ -104,9 +101,9 @@ impl Drop for FaultServer {
     }
 }
 
-/// A minimal OpenID Connect discovery document for a stub issuer at `base`.
-pub(crate) fn discovery(base: &str, token_endpoint: &str) -> serde_json::Value {
-    json!({
+/// A minimal OpenID Connect discovery document (and an empty key set) for a stub issuer at `base`.
+pub(crate) fn discovery_routes<S: Clone + Send + Sync + 'static>(base: &str, token_endpoint: &str) -> Router<S> {
+    let discovery = json!({
         "issuer": format!("{base}/"),
         "authorization_endpoint": format!("{base}/oauth2/auth"),
         "token_endpoint": token_endpoint,
@@ -116,7 +113,10 @@ pub(crate) fn discovery(base: &str, token_endpoint: &str) -> serde_json::Value {
         "response_types_supported": ["code"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["RS256"],
-    })
+    });
+    Router::new()
+        .route("/.well-known/openid-configuration", get(move || async move { axum::Json(discovery) }))
+        .route("/.well-known/jwks.json", get(|| async { axum::Json(json!({"keys": []})) }))
 }
 
 async fn userinfo(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {

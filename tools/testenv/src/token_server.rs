@@ -7,7 +7,6 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -27,7 +26,7 @@ struct Shared {
     requests: AtomicUsize,
     reused: AtomicUsize,
     serial: AtomicU64,
-    expires_in: AtomicU64,
+    expires_in: u64,
 }
 
 pub struct RotatingTokenServer {
@@ -41,12 +40,8 @@ impl RotatingTokenServer {
     pub async fn start(expires_in: u64) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
-        let shared = Arc::new(Shared::default());
-        shared.expires_in.store(expires_in, Ordering::Relaxed);
-        let discovery = crate::fault_server::discovery(&base, &format!("{base}/oauth2/token"));
-        let app = Router::new()
-            .route("/.well-known/openid-configuration", get(move || async move { axum::Json(discovery) }))
-            .route("/.well-known/jwks.json", get(|| async { axum::Json(json!({"keys": []})) }))
+        let shared = Arc::new(Shared { expires_in, ..Default::default() });
+        let app = crate::fault_server::discovery_routes(&base, &format!("{base}/oauth2/token"))
             // Known to have no phone number, so the operator does not ask after every refresh.
             .route("/userinfo", get(|| async { axum::Json(json!({"sub": "bench"})) }))
             .route("/oauth2/token", post(token))
@@ -109,7 +104,7 @@ async fn token(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Re
         "access_token": access,
         "refresh_token": refresh,
         "token_type": "bearer",
-        "expires_in": shared.expires_in.load(Ordering::Relaxed),
+        "expires_in": shared.expires_in,
         // wgtwo gives the phone number in the ID token (scope openid); this stub signs none, so it
         // grants no `phone` and the operator knows there is no number without asking userinfo. The
         // Kubernetes writes per refresh are the same as with wgtwo's ID token.
