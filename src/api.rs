@@ -30,7 +30,8 @@ const SCOPE: &str = r"^[\x21\x23-\x5B\x5D-\x7E]+( [\x21\x23-\x5B\x5D-\x7E]+)*$";
 /// A Go-style duration in whole hours, minutes and seconds (`20m`, `1h30m`, `90s`).
 const DURATION: &str = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$";
 
-/// Keeps a wgtwo OAuth 2.0 access token alive in a Secret, refreshed from a user's authorization.
+/// Keeps a wgtwo OAuth 2.0 access token alive in a Secret: a subscriber's (refreshed from their
+/// authorization) or the product's own (client credentials).
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "auth.wgtwo.com",
@@ -42,14 +43,21 @@ const DURATION: &str = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$";
     category = "wgtwo",
     namespaced,
     status = "WgtwoGrantStatus",
-    doc = "A WgtwoGrant keeps a live wgtwo OAuth 2.0 access token in a Secret of its namespace, refreshed ahead of expiry from a subscriber's authorization (its refresh token).",
+    doc = "A WgtwoGrant keeps a live wgtwo OAuth 2.0 access token in a Secret of its namespace, renewed ahead of expiry: a subscriber's token, refreshed from their authorization (refreshTokenSecretRef), or the product's own token (clientCredentials).",
+    printcolumn = r#"{"name":"Grant Type","type":"string","jsonPath":".status.grantType","description":"refresh_token (a subscriber's token) or client_credentials (the product's own token)"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.expiresAt","description":"When the access token in the target Secret expires"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = Rule::new("!(has(self.refreshTokenSecretRef) && has(self.clientCredentials))")
+    .message("set either refreshTokenSecretRef (a subscriber's token) or clientCredentials (the product's own token), not both"))]
+#[x_kube(validation = Rule::new("has(self.refreshTokenSecretRef) || has(self.clientCredentials)")
+    .message("set refreshTokenSecretRef (a subscriber's token, from their authorization) or clientCredentials (the product's own token)"))]
+#[x_kube(validation = Rule::new("has(self.clientCredentials) == has(oldSelf.clientCredentials)")
+    .message("a grant cannot switch between refreshTokenSecretRef and clientCredentials: create a new grant"))]
 #[x_kube(validation = Rule::new(
-    "self.target.secretName != self.clientSecretRef.name && self.target.secretName != self.refreshTokenSecretRef.name"
+    "self.target.secretName != self.clientSecretRef.name && (!has(self.refreshTokenSecretRef) || self.target.secretName != self.refreshTokenSecretRef.name)"
 ).message("target.secretName must differ from clientSecretRef.name and refreshTokenSecretRef.name: the operator writes the target and must never overwrite its inputs"))]
 #[serde(rename_all = "camelCase")]
 pub struct WgtwoGrantSpec {
@@ -66,15 +74,25 @@ pub struct WgtwoGrantSpec {
     /// `client_secret`.
     pub client_secret_ref: ClientSecretRef,
 
-    /// The Secret key in this namespace holding the refresh token of a completed authorization. The
-    /// operator reads it and never writes it; put a new refresh token here to re-authorize.
-    pub refresh_token_secret_ref: RefreshTokenSecretRef,
+    /// For a subscriber's token: the Secret key in this namespace holding the refresh token of a
+    /// completed authorization. The operator reads it and never writes it; put a new refresh token
+    /// here to re-authorize. Exactly one of refreshTokenSecretRef and clientCredentials is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token_secret_ref: Option<RefreshTokenSecretRef>,
+
+    /// For the product's own token: the OAuth 2.0 client credentials grant, which authenticates the
+    /// product and no subscriber. Grants with the same issuer, client and scope share one token (one
+    /// token request per lifetime for all of them). Set it to `{}`. Exactly one of
+    /// refreshTokenSecretRef and clientCredentials is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_credentials: Option<ClientCredentials>,
 
     /// The Secret the operator creates, owns and keeps updated with the live access token.
     pub target: TargetSecret,
 
-    /// Space-separated scopes to request on refresh, narrowing the authorized scope (for example
-    /// `phone offline_access`). When unset, the authorized scope is kept.
+    /// Space-separated scopes to request. With refreshTokenSecretRef it narrows the authorized
+    /// scope (for example `phone offline_access`; unset: the authorized scope is kept). With
+    /// clientCredentials it is the scope of the product's token (unset: the client's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096), regex(pattern = SCOPE))]
     pub scope: Option<String>,
@@ -96,6 +114,43 @@ pub struct ClientSecretRef {
     pub name: String,
 }
 
+/// Options of the client credentials grant (none yet: the object says which grant is used).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct ClientCredentials {}
+
+/// Which OAuth 2.0 grant a WgtwoGrant gets its token with.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GrantType<'a> {
+    /// A subscriber's token, refreshed with the refresh token of their authorization.
+    RefreshToken(&'a RefreshTokenSecretRef),
+    /// The product's own token.
+    ClientCredentials,
+}
+
+impl GrantType<'_> {
+    /// The OAuth 2.0 `grant_type` (RFC 6749), as `status.grantType` and the metrics name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantType::RefreshToken(_) => GRANT_TYPE_REFRESH_TOKEN,
+            GrantType::ClientCredentials => GRANT_TYPE_CLIENT_CREDENTIALS,
+        }
+    }
+}
+
+pub const GRANT_TYPE_REFRESH_TOKEN: &str = "refresh_token";
+pub const GRANT_TYPE_CLIENT_CREDENTIALS: &str = "client_credentials";
+
+impl WgtwoGrantSpec {
+    /// The grant's type. The apiserver admits exactly one of the two fields; a spec with both (only
+    /// possible without the CRD's validation) is treated as a subscriber's.
+    pub fn grant_type(&self) -> GrantType<'_> {
+        match &self.refresh_token_secret_ref {
+            Some(r) => GrantType::RefreshToken(r),
+            None => GrantType::ClientCredentials,
+        }
+    }
+}
+
 /// A key of a Secret in the grant's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -114,8 +169,9 @@ pub struct RefreshTokenSecretRef {
 #[serde(rename_all = "camelCase")]
 pub struct TargetSecret {
     /// Name of the Secret in this namespace that the operator creates and owns. It holds
-    /// `access_token`, `token_type`, `expires_at`, `scope` and, when known, `phone_number`; never
-    /// the refresh token. An existing Secret not owned by this grant is never overwritten.
+    /// `access_token`, `token_type`, `expires_at`, `scope` and, for a subscriber's token when known,
+    /// `phone_number`; never the refresh token. An existing Secret not owned by this grant is never
+    /// overwritten.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub secret_name: String,
 }
@@ -129,6 +185,10 @@ pub struct WgtwoGrantStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// How the token is obtained: `refresh_token` (a subscriber's token) or `client_credentials`
+    /// (the product's own token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_type: Option<String>,
     /// When the access token in the target Secret expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
@@ -193,9 +253,25 @@ mod tests {
     fn omitted_optional_fields_take_the_documented_defaults() {
         let spec: WgtwoGrantSpec = serde_json::from_value(spec_json()).unwrap();
         assert_eq!(spec.issuer_url, "https://id.wgtwo.com");
-        assert_eq!(spec.refresh_token_secret_ref.key, "refresh_token");
+        assert_eq!(spec.refresh_token_secret_ref.as_ref().unwrap().key, "refresh_token");
+        assert_eq!(spec.client_credentials, None);
         assert_eq!(spec.scope, None);
         assert_eq!(spec.refresh_before, None);
+    }
+
+    #[test]
+    fn the_grant_type_follows_the_field_that_is_set() {
+        let subscriber: WgtwoGrantSpec = serde_json::from_value(spec_json()).unwrap();
+        assert!(matches!(subscriber.grant_type(), GrantType::RefreshToken(r) if r.name == "alice-authorization"));
+        assert_eq!(subscriber.grant_type().as_str(), "refresh_token");
+        let mut json = spec_json();
+        json.as_object_mut().unwrap().remove("refreshTokenSecretRef");
+        json["clientCredentials"] = serde_json::json!({});
+        let product: WgtwoGrantSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(product.grant_type(), GrantType::ClientCredentials);
+        assert_eq!(product.grant_type().as_str(), "client_credentials");
+        // `{}` round-trips as `{}`: the field that says which grant is used is never dropped.
+        assert_eq!(serde_json::to_value(&product).unwrap()["clientCredentials"], serde_json::json!({}));
     }
 
     #[test]

@@ -192,10 +192,11 @@ fn grant_object(opts: &AuthorizeOptions) -> WgtwoGrant {
         WgtwoGrantSpec {
             issuer_url: opts.issuer_url.clone(),
             client_secret_ref: ClientSecretRef { name: opts.client_secret_name.clone() },
-            refresh_token_secret_ref: RefreshTokenSecretRef {
+            refresh_token_secret_ref: Some(RefreshTokenSecretRef {
                 name: opts.refresh_token_secret(),
                 key: DEFAULT_REFRESH_TOKEN_KEY.to_owned(),
-            },
+            }),
+            client_credentials: None,
             target: TargetSecret { secret_name: opts.target_secret() },
             scope: None,
             refresh_before: None,

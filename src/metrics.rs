@@ -21,11 +21,21 @@ pub mod result {
     pub const REJECTED: &str = "rejected";
 }
 
+/// `source` label values of `wgtwo_operator_tokens_published_total`.
+pub mod source {
+    /// From a token request sent for this grant.
+    pub const REQUESTED: &str = "requested";
+    /// A product token another grant with the same issuer, client and scope requested.
+    pub const SHARED: &str = "shared";
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
     refresh_total: IntCounterVec,
     refresh_duration: HistogramVec,
+    token_requests: IntCounterVec,
+    tokens_published: IntCounterVec,
     expiration: IntGaugeVec,
     ready: IntGaugeVec,
     reconcile_errors: IntCounterVec,
@@ -47,7 +57,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let refresh_total = IntCounterVec::new(
-            Opts::new("wgtwo_grant_refresh_total", "Token refresh requests sent, by grant and result."),
+            Opts::new(
+                "wgtwo_grant_refresh_total",
+                "Attempts to renew a grant's token, by grant and result: a token request for a subscriber's grant; for a product grant also a token (or a failure) shared from another grant's request.",
+            ),
             &["namespace", "name", "result"],
         )
         .unwrap();
@@ -58,6 +71,22 @@ impl Metrics {
             )
             .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0]),
             &["result"],
+        )
+        .unwrap();
+        let token_requests = IntCounterVec::new(
+            Opts::new(
+                "wgtwo_operator_token_requests_total",
+                "Token requests sent to the identity service, by grant type (refresh_token: a subscriber's refresh; client_credentials: a product token, one for all grants sharing it) and result.",
+            ),
+            &["grant_type", "result"],
+        )
+        .unwrap();
+        let tokens_published = IntCounterVec::new(
+            Opts::new(
+                "wgtwo_operator_tokens_published_total",
+                "New access tokens written to target Secrets, by grant type and source (requested: from this grant's own request; shared: a product token another grant requested).",
+            ),
+            &["grant_type", "source"],
         )
         .unwrap();
         let expiration = IntGaugeVec::new(
@@ -107,6 +136,8 @@ impl Metrics {
         for c in [
             Box::new(refresh_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(refresh_duration.clone()),
+            Box::new(token_requests.clone()),
+            Box::new(tokens_published.clone()),
             Box::new(expiration.clone()),
             Box::new(ready.clone()),
             Box::new(reconcile_errors.clone()),
@@ -123,6 +154,8 @@ impl Metrics {
             registry,
             refresh_total,
             refresh_duration,
+            token_requests,
+            tokens_published,
             expiration,
             ready,
             reconcile_errors,
@@ -135,10 +168,20 @@ impl Metrics {
         }
     }
 
-    /// One token request and how it ended.
-    pub fn refresh(&self, namespace: &str, name: &str, result: &str, seconds: f64) {
+    /// How an attempt to renew a grant's token ended.
+    pub fn grant_refresh(&self, namespace: &str, name: &str, result: &str) {
         self.refresh_total.with_label_values(&[namespace, name, result]).inc();
+    }
+
+    /// One token request sent to the identity service and how it ended.
+    pub fn token_request(&self, grant_type: &str, result: &str, seconds: f64) {
+        self.token_requests.with_label_values(&[grant_type, result]).inc();
         self.refresh_duration.with_label_values(&[result]).observe(seconds);
+    }
+
+    /// A new access token written to a grant's target Secret.
+    pub fn token_published(&self, grant_type: &str, source: &str) {
+        self.tokens_published.with_label_values(&[grant_type, source]).inc();
     }
 
     pub fn reconcile_error(&self, reason: &str) {
@@ -252,7 +295,8 @@ mod tests {
         let m = Metrics::new();
         m.observe_grant(&grant("a", "g1", "True", Some(1_900_000_000)));
         m.observe_grant(&grant("a", "g2", "False", None));
-        m.refresh("a", "g1", result::SUCCESS, 0.2);
+        m.grant_refresh("a", "g1", result::SUCCESS);
+        m.token_request("refresh_token", result::SUCCESS, 0.2);
         let text = m.encode();
         assert!(text.contains(r#"wgtwo_grant_ready{name="g1",namespace="a"} 1"#), "{text}");
         assert!(text.contains(r#"wgtwo_grant_ready{name="g2",namespace="a"} 0"#), "{text}");
@@ -269,8 +313,9 @@ mod tests {
         let text = m.encode();
         assert!(!text.contains(r#"name="g1""#), "deleted grant's series remain: {text}");
         assert!(text.contains(r#"name="g2""#));
-        // The histogram has no per-grant labels, so it keeps counting.
+        // The histogram and the request counter have no per-grant labels, so they keep counting.
         assert!(text.contains("wgtwo_grant_refresh_duration_seconds_count{result=\"success\"} 1"), "{text}");
+        assert!(text.contains(r#"wgtwo_operator_token_requests_total{grant_type="refresh_token",result="success"} 1"#));
     }
 
     #[test]

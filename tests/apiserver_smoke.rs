@@ -51,7 +51,7 @@ async fn valid_grant_is_accepted_and_read_back_with_server_side_defaults() {
     let typed: Api<WgtwoGrant> = Api::namespaced(client, &ns);
     let read = typed.get("alice").await.unwrap();
     assert_eq!(read.spec.issuer_url, "https://id.wgtwo.com");
-    assert_eq!(read.spec.refresh_token_secret_ref.key, "refresh_token");
+    assert_eq!(read.spec.refresh_token_secret_ref.as_ref().unwrap().key, "refresh_token");
     assert_eq!(read.spec.target.secret_name, "alice-token");
     assert_eq!(read.spec.scope.as_deref(), Some("phone offline_access"));
     assert_eq!(read.spec.refresh_before, None);
@@ -90,6 +90,21 @@ async fn invalid_grants_are_rejected_by_the_apiserver_with_the_field_named() {
             spec_with(|s| s["target"]["secretName"] = json!("alice-authorization")),
             "target.secretName must differ",
         ),
+        (
+            "both-grant-types",
+            spec_with(|s| s["clientCredentials"] = json!({})),
+            "set either refreshTokenSecretRef (a subscriber's token) or clientCredentials (the product's own token), not both",
+        ),
+        (
+            "no-grant-type",
+            spec_with(|s| drop(s.as_object_mut().unwrap().remove("refreshTokenSecretRef"))),
+            "set refreshTokenSecretRef (a subscriber's token, from their authorization) or clientCredentials (the product's own token)",
+        ),
+        (
+            "product-target-is-client",
+            product_spec(|s| s["target"]["secretName"] = json!("wgtwo-client")),
+            "target.secretName must differ",
+        ),
     ];
     let mut failures = Vec::new();
     for (name, spec, expected) in cases {
@@ -109,6 +124,49 @@ async fn invalid_grants_are_rejected_by_the_apiserver_with_the_field_named() {
     api.create(&PostParams::default(), &grant("loopback-http", local)).await.unwrap();
 }
 
+/// A product grant: `valid_spec()` with clientCredentials in place of refreshTokenSecretRef.
+fn product_spec(edit: impl FnOnce(&mut Value)) -> Value {
+    spec_with(|s| {
+        s.as_object_mut().unwrap().remove("refreshTokenSecretRef");
+        s["clientCredentials"] = json!({});
+        edit(s);
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_product_grant_is_accepted_and_no_grant_can_switch_between_grant_types() {
+    let cp = ControlPlane::start().await.unwrap();
+    let ns = cp.create_namespace("team-a").await.unwrap();
+    let client = cp.admin_client().await.unwrap();
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &grant_resource());
+    api.create(&PostParams::default(), &grant("product", product_spec(|_| {}))).await.unwrap();
+    api.create(&PostParams::default(), &grant("subscriber", valid_spec())).await.unwrap();
+    let typed: Api<WgtwoGrant> = Api::namespaced(client, &ns);
+    let product = typed.get("product").await.unwrap();
+    assert_eq!(product.spec.grant_type(), wgtwo_operator::api::GrantType::ClientCredentials);
+    assert_eq!(product.spec.refresh_token_secret_ref, None);
+
+    // Switching would leave a subscriber's live refresh token behind, or start a new kind of token
+    // under an old name: refused both ways, saying what to do.
+    let switch = |name: &str, spec: Value| {
+        let api = api.clone();
+        let name = name.to_owned();
+        async move {
+            let patch = kube::api::Patch::Merge(json!({ "spec": spec }));
+            api.patch(&name, &kube::api::PatchParams::default(), &patch).await.unwrap_err()
+        }
+    };
+    let to_subscriber = json!({"clientCredentials": null, "refreshTokenSecretRef": {"name": "alice-authorization"}});
+    let to_product = json!({"clientCredentials": {}, "refreshTokenSecretRef": null});
+    for (name, spec) in [("product", to_subscriber), ("subscriber", to_product)] {
+        let err = switch(name, spec).await;
+        assert!(
+            matches!(&err, kube::Error::Api(s) if s.code == 422 && s.message.contains("cannot switch between refreshTokenSecretRef and clientCredentials: create a new grant")),
+            "{name}: {err}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_shows_the_printer_columns_and_explains_every_field() {
     let cp = ControlPlane::start().await.unwrap();
@@ -118,7 +176,7 @@ async fn kubectl_shows_the_printer_columns_and_explains_every_field() {
 
     let table = cp.kubectl(&["get", "wgtwogrants", "-n", &ns]).unwrap();
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "READY", "REASON", "EXPIRES", "AGE"], "{table}");
+    assert_eq!(header, ["NAME", "GRANT", "TYPE", "READY", "REASON", "EXPIRES", "AGE"], "{table}");
     assert!(table.lines().nth(1).unwrap().starts_with("alice"), "{table}");
     // The short name and category work too.
     assert!(cp.kubectl(&["get", "wggrant", "-n", &ns]).unwrap().contains("alice"));
@@ -126,6 +184,10 @@ async fn kubectl_shows_the_printer_columns_and_explains_every_field() {
 
     let explain = cp.kubectl(&["explain", "wgtwogrant.spec.refreshBefore"]).unwrap();
     assert!(explain.contains("How much validity must remain"), "{explain}");
+    let explain = cp.kubectl(&["explain", "wgtwogrant.spec.clientCredentials"]).unwrap();
+    assert!(explain.contains("client credentials grant"), "{explain}");
+    let explain = cp.kubectl(&["explain", "wgtwogrant.status.grantType"]).unwrap();
+    assert!(explain.contains("client_credentials"), "{explain}");
     let explain = cp.kubectl(&["explain", "wgtwogrant.status.conditions"]).unwrap();
     assert!(explain.contains("Ready"), "{explain}");
 }

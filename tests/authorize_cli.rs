@@ -155,8 +155,8 @@ async fn loopback_flow_writes_the_refresh_token_secret_and_the_grant_and_reautho
     let grant = env.grants().await.get("alice").await.unwrap();
     assert_eq!(grant.spec.issuer_url, env.hydra.base_url());
     assert_eq!(grant.spec.client_secret_ref.name, "wgtwo-client");
-    assert_eq!(grant.spec.refresh_token_secret_ref.name, "alice-authorization");
-    assert_eq!(grant.spec.refresh_token_secret_ref.key, "refresh_token");
+    assert_eq!(grant.spec.refresh_token_secret_ref.as_ref().unwrap().name, "alice-authorization");
+    assert_eq!(grant.spec.refresh_token_secret_ref.as_ref().unwrap().key, "refresh_token");
     assert_eq!(grant.spec.target.secret_name, "alice-token");
     let secrets_in_output = [env.client.client_secret.as_str(), first.as_str()];
     for secret in secrets_in_output {

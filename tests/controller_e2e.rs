@@ -134,8 +134,11 @@ async fn each_permanent_problem_has_its_reason_and_sends_no_repeated_token_reque
     let valid = env.authorize("badclient").await;
     env.create_grant("badclient", &valid, |s| s.client_secret_ref.name = "bad-client".into()).await;
     // A Secret that does not exist, and a key that does not exist.
-    env.create_grant("nosecret", "unused", |s| s.refresh_token_secret_ref.name = "missing-secret".into()).await;
-    env.create_grant("nokey", "unused", |s| s.refresh_token_secret_ref.key = "other".into()).await;
+    env.create_grant("nosecret", "unused", |s| {
+        s.refresh_token_secret_ref.as_mut().unwrap().name = "missing-secret".into()
+    })
+    .await;
+    env.create_grant("nokey", "unused", |s| s.refresh_token_secret_ref.as_mut().unwrap().key = "other".into()).await;
     // A target name already taken by someone else's Secret.
     env.put_secret("taken", &[("config", "someone else's")]).await;
     let valid2 = env.authorize("conflict").await;

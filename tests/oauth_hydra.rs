@@ -235,6 +235,24 @@ async fn client_credentials_grant_and_the_cached_source_reuse_a_token_until_the_
     assert_ne!(a.secret(), c.secret());
 }
 
+/// Pinned because the operator relies on it: a product token it replaces stays valid until it
+/// expires (Hydra issues client credentials tokens independently; it revokes an access token only
+/// with the refresh token it came with). Workloads still holding the previous token keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_client_credentials_token_leaves_the_previous_ones_active() {
+    let (hydra, client) = hydra(Duration::from_secs(3600)).await;
+    let wgtwo = WgtwoClient::discover(config(&hydra, &client)).await.unwrap();
+    let mut issued = Vec::new();
+    for _ in 0..3 {
+        issued.push(wgtwo.client_credentials(Some("phone")).await.unwrap().access_token);
+    }
+    assert_ne!(issued[0].secret(), issued[1].secret());
+    for (i, token) in issued.iter().enumerate() {
+        let introspected = hydra.introspect(token.secret()).await.unwrap();
+        assert_eq!(introspected["active"], true, "token {i} was revoked when a newer one was issued");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn userinfo_names_the_subscriber_and_their_phone_number() {
     let (hydra, client) = hydra(Duration::from_secs(3600)).await;

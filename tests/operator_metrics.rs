@@ -32,7 +32,8 @@ async fn scrape_passes_promtool_and_grant_series_follow_the_grant_and_vanish_wit
     let (_operator, port) = env.start_operator_with(&[]);
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
     // A grant whose Secret is missing, for the error counter.
-    env.create_grant("broken", "unused", |s| s.refresh_token_secret_ref.name = "missing".into()).await;
+    env.create_grant("broken", "unused", |s| s.refresh_token_secret_ref.as_mut().unwrap().name = "missing".into())
+        .await;
     env.wait_ready("broken", "False", "SecretNotFound", Duration::from_secs(30)).await;
 
     assert_eq!(get(port, "/healthz").await, (200, "ok\n".into()));

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, locally, on a fresh machine: builds (or reuses) a real kube-apiserver + etcd and
-# Ory Hydra, authorizes a simulated subscriber with `wgtwo-operator authorize`, runs the operator
-# and shows its target Secret being rotated. Everything stops and is removed at the end
+# Ory Hydra, authorizes a simulated subscriber with `wgtwo-operator authorize`, applies a product
+# grant (client credentials) next to it, runs the operator and shows both target Secrets renewed. Everything stops and is removed at the end
 # (pass --keep to keep it running until Ctrl-C).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -20,14 +20,18 @@ struct Inner {
     /// Secret -> grant names (in the Secret's namespace), shared with `secrets`' keys.
     users: HashMap<Key, Vec<Arc<str>>>,
     /// Grant name (`namespace/name`) -> the Secrets it was indexed under.
-    secrets: HashMap<Arc<str>, [Key; 2]>,
+    secrets: HashMap<Arc<str>, Box<[Key]>>,
 }
 
-/// The Secrets a grant reads, both in its namespace.
-pub fn secrets_of(grant: &WgtwoGrant) -> [Key; 2] {
+/// The Secrets a grant reads, all in its namespace: the client's, and a subscriber's refresh token.
+pub fn secrets_of(grant: &WgtwoGrant) -> Box<[Key]> {
     let ns = grant.namespace().unwrap_or_default();
     let spec = &grant.spec;
-    [key(&ns, &spec.client_secret_ref.name), key(&ns, &spec.refresh_token_secret_ref.name)]
+    let client = key(&ns, &spec.client_secret_ref.name);
+    match &spec.refresh_token_secret_ref {
+        Some(token) => Box::new([client, key(&ns, &token.name)]),
+        None => Box::new([client]),
+    }
 }
 
 impl SecretIndex {
@@ -75,11 +79,11 @@ impl SecretIndex {
 impl Inner {
     fn remove(&mut self, grant_key: &str) {
         let Some(old) = self.secrets.remove(grant_key) else { return };
-        for secret in old {
-            if let Some(users) = self.users.get_mut(&secret) {
+        for secret in old.iter() {
+            if let Some(users) = self.users.get_mut(secret) {
                 users.retain(|u| &**u != grant_key);
                 if users.is_empty() {
-                    self.users.remove(&secret);
+                    self.users.remove(secret);
                 }
             }
         }
@@ -97,10 +101,11 @@ mod tests {
             WgtwoGrantSpec {
                 issuer_url: "https://id.wgtwo.com".into(),
                 client_secret_ref: ClientSecretRef { name: client.into() },
-                refresh_token_secret_ref: RefreshTokenSecretRef {
+                refresh_token_secret_ref: Some(RefreshTokenSecretRef {
                     name: format!("{name}-authorization"),
                     key: "refresh_token".into(),
-                },
+                }),
+                client_credentials: None,
                 target: TargetSecret { secret_name: format!("{name}-token") },
                 scope: None,
                 refresh_before: None,
@@ -130,5 +135,12 @@ mod tests {
         index.rebuild([&grant("c", "client")]);
         assert!(index.grants_using("ns", "a-authorization").is_empty(), "a relist forgets grants not listed");
         assert_eq!(index.grants_using("ns", "client"), ["c"]);
+        // A product grant reads only its client Secret.
+        let mut product = grant("p", "client");
+        product.spec.refresh_token_secret_ref = None;
+        product.spec.client_credentials = Some(Default::default());
+        index.upsert(&product);
+        assert_eq!(index.grants_using("ns", "client"), ["c", "p"]);
+        assert!(index.grants_using("ns", "p-authorization").is_empty());
     }
 }

@@ -14,6 +14,7 @@ pub mod inputs;
 pub mod issuers;
 pub mod lineage;
 pub mod memory;
+pub mod product;
 pub mod schedule;
 pub mod secret_cache;
 pub mod status;
@@ -46,12 +47,15 @@ use self::memory::{Failure, Memory, Pending};
 use self::schedule::{Decision, Observed, RefreshReason};
 use self::secret_cache::SecretCache;
 use self::status::reason;
-use crate::api::{ANNOTATION_REFRESH_REQUESTED, DEFAULT_ISSUER_URL, WgtwoGrant, WgtwoGrantStatus};
+use crate::api::{
+    ANNOTATION_REFRESH_REQUESTED, DEFAULT_ISSUER_URL, GRANT_TYPE_CLIENT_CREDENTIALS, GRANT_TYPE_REFRESH_TOKEN,
+    GrantType, RefreshTokenSecretRef, WgtwoGrant, WgtwoGrantStatus,
+};
 use crate::kubeapi::kube_message;
 use crate::leader::Leadership;
 use crate::metrics::{self, Metrics};
 use crate::oauth::secrets::RefreshToken;
-use crate::oauth::{ClientConfig, ErrorClass, OAuthError, WgtwoClient};
+use crate::oauth::{ClientConfig, ErrorClass, OAuthError, TokenSet, WgtwoClient};
 
 /// Field manager and Event reporter of the operator.
 pub const MANAGER: &str = "wgtwo-operator";
@@ -143,6 +147,8 @@ pub struct Context {
     /// The grant cache, to tell whether a grant still exists.
     grants: reflector::Store<WgtwoGrant>,
     cache: Arc<SecretCache>,
+    /// Product tokens, shared by the grants with the same issuer, client and scope.
+    products: product::ProductTokens,
 }
 
 impl Context {
@@ -156,7 +162,7 @@ impl Context {
     ) -> Self {
         let recorder = recorder(client.clone());
         let memory = Memory::new(shared.metrics.clone());
-        Self { client, recorder, options, shared, memory, grants, cache }
+        Self { client, recorder, options, shared, memory, grants, cache, products: Default::default() }
     }
 
     fn api_backoff(&self, key: &ObjectRef<WgtwoGrant>) -> Duration {
@@ -404,7 +410,15 @@ impl Run<'_> {
             Ok(inputs) => inputs,
             Err(problem) => return self.input_problem(problem.reason, problem.message).await,
         };
-        let state_secret = self.owned(&self.state_name()).await?;
+        let token_ref = match spec.grant_type() {
+            GrantType::RefreshToken(token_ref) => Some(token_ref),
+            GrantType::ClientCredentials => None,
+        };
+        // A product grant has no state Secret: nothing rotates.
+        let state_secret = match token_ref {
+            Some(_) => self.owned(&self.state_name()).await?,
+            None => None,
+        };
         let target_secret = self.owned(&spec.target.secret_name).await?;
         for (secret, what, why) in [
             (&target_secret, reason::TARGET_CONFLICT, "target.secretName"),
@@ -421,8 +435,10 @@ impl Run<'_> {
             }
         }
 
+        let Some(token_ref) = token_ref else {
+            return self.reconcile_product(&inputs, target_secret).await;
+        };
         // The user's Secret is read only when it changed since the lineage was checked against it.
-        let token_ref = &spec.refresh_token_secret_ref;
         let user_version = self.ctx.cache.meta(&self.ns, &token_ref.name).map(|m| m.resource_version.to_string());
         let state = state_secret.as_ref().and_then(|s| s.data.as_ref()).and_then(lineage::decode);
         let mut chosen = if lineage::unchanged(state.as_ref(), user_version.as_deref()) {
@@ -443,36 +459,10 @@ impl Run<'_> {
 
         let now = Timestamp::now();
         let published = target_secret.as_ref().and_then(target::published_token);
-        let requested = self.grant.annotations().get(ANNOTATION_REFRESH_REQUESTED).cloned();
-        // The cached grant may predate our own last status write.
-        let handled = self.current_status().and_then(|s| s.refresh_request_handled);
-        let decision = schedule::decide(&Observed {
-            now,
-            token: published,
-            // Adopting the first token of a grant is covered by "no token"; a new lineage over a
-            // published token is a re-authorization.
-            new_authorization: chosen.adopted && state_secret.is_some(),
-            refresh_requested: requested.is_some() && requested != handled,
-            refresh_before: self.refresh_before(),
-            jitter_seed: self.jitter_seed(),
-            retry_not_before: self.retry_not_before(),
-        });
-        match decision {
-            Decision::WaitUntil(at) => {
-                let token = published.expect("waiting implies a published token");
-                debug!(next = %at, "access token valid; next refresh scheduled");
-                self.set_ready(true, reason::REFRESHED, self.valid_message(token.expires_at), |s| {
-                    s.expires_at = Some(Time(token.expires_at));
-                    s.last_refresh_time = Some(Time(token.issued_at));
-                    // Whole seconds, as stored: an unrounded time would differ from the stored one
-                    // and be written again by every reconcile.
-                    s.next_refresh_time = Some(Time(ceil_seconds(at)));
-                    s.failed_attempts = None;
-                    s.last_failure_time = None;
-                })
-                .await?;
-                Ok(Action::requeue(until(now, at)))
-            }
+        // Adopting the first token of a grant is covered by "no token"; a new lineage over a
+        // published token is a re-authorization.
+        match self.decide(now, published, chosen.adopted && state_secret.is_some()) {
+            Decision::WaitUntil(at) => self.keep_until(now, published, at).await,
             Decision::BackingOff(at) => {
                 debug!(next_attempt = %at, "backing off after failed attempts");
                 Ok(Action::requeue(until(now, at)))
@@ -481,6 +471,132 @@ impl Run<'_> {
                 self.refresh(&inputs, chosen, fingerprint, why, state_secret, target_secret, published).await
             }
         }
+    }
+
+    /// When to renew the published token (the same schedule for both grant types).
+    fn decide(&self, now: Timestamp, published: Option<schedule::TokenTimes>, new_authorization: bool) -> Decision {
+        let requested = self.grant.annotations().get(ANNOTATION_REFRESH_REQUESTED);
+        // The cached grant may predate our own last status write.
+        let handled = self.current_status().and_then(|s| s.refresh_request_handled);
+        schedule::decide(&Observed {
+            now,
+            token: published,
+            new_authorization,
+            refresh_requested: requested.is_some() && requested != handled.as_ref(),
+            refresh_before: self.refresh_before(),
+            jitter_seed: self.jitter_seed(),
+            retry_not_before: self.retry_not_before(),
+        })
+    }
+
+    /// The published token stays until `at`: the status says so.
+    async fn keep_until(
+        &self,
+        now: Timestamp,
+        published: Option<schedule::TokenTimes>,
+        at: Timestamp,
+    ) -> Result<Action, Error> {
+        let token = published.expect("waiting implies a published token");
+        debug!(next = %at, "access token valid; next refresh scheduled");
+        self.set_ready(true, reason::REFRESHED, self.valid_message(token.expires_at), |s| {
+            s.expires_at = Some(Time(token.expires_at));
+            s.last_refresh_time = Some(Time(token.issued_at));
+            // Whole seconds, as stored: an unrounded time would differ from the stored one and be
+            // written again by every reconcile.
+            s.next_refresh_time = Some(Time(ceil_seconds(at)));
+            s.failed_attempts = None;
+            s.last_failure_time = None;
+        })
+        .await?;
+        Ok(Action::requeue(until(now, at)))
+    }
+
+    /// A product grant (client credentials): the same schedule, a token shared by every grant with
+    /// the same issuer, client and scope, no state Secret.
+    async fn reconcile_product(&self, inputs: &inputs::Inputs, target_secret: Option<Secret>) -> Result<Action, Error> {
+        let now = Timestamp::now();
+        let published = target_secret.as_ref().and_then(target::published_token);
+        match self.decide(now, published, false) {
+            Decision::WaitUntil(at) => self.keep_until(now, published, at).await,
+            Decision::BackingOff(at) => {
+                debug!(next_attempt = %at, "backing off after failed attempts");
+                Ok(Action::requeue(until(now, at)))
+            }
+            Decision::RefreshNow(why) => self.product_token(inputs, why, target_secret, published).await,
+        }
+    }
+
+    async fn product_token(
+        &self,
+        inputs: &inputs::Inputs,
+        why: RefreshReason,
+        target_secret: Option<Secret>,
+        published: Option<schedule::TokenTimes>,
+    ) -> Result<Action, Error> {
+        let recovering = self.failed_attempts() > 0;
+        let spec = &self.grant.spec;
+        let client = match self.oauth_client(inputs).await {
+            Ok(client) => client,
+            Err(err) => return self.refresh_failed(err, None, published).await,
+        };
+        if !self.ctx.shared.leadership.is_leader() {
+            return Ok(Action::await_change());
+        }
+        let scope = spec.scope.as_deref();
+        let key = product::key(&spec.issuer_url, &inputs.client_id, inputs.client_secret.secret(), scope);
+        let want = product::Want {
+            published,
+            refresh_before: self.refresh_before(),
+            jitter_seed: self.jitter_seed(),
+            // Asked for by a person: a new token, and at once; its retries follow the key's backoff.
+            forced: why == RefreshReason::Requested && !recovering,
+        };
+        let options = &self.ctx.options;
+        let metrics = &self.ctx.shared.metrics;
+        let retry_at = |err: &OAuthError, attempts: u32| {
+            let random = (self.jitter_seed() % 1000) as f64 / 1000.0;
+            let backoff = (options.min_backoff, options.max_backoff);
+            product::retry_at(err, attempts, backoff, PERMANENT_RECHECK, random, Timestamp::now())
+        };
+        let request = || async {
+            info!(reason = why.as_str(), "requesting a product token (client credentials)");
+            let sent = Instant::now();
+            let answer = client.client_credentials(scope).await;
+            let seconds = sent.elapsed().as_secs_f64();
+            metrics.token_request(GRANT_TYPE_CLIENT_CREDENTIALS, request_result(answer.as_ref().err()), seconds);
+            answer.map(|tokens| {
+                let issued_at = whole_seconds(Timestamp::now());
+                let expires_at = whole_seconds(tokens.expires_at.unwrap_or(issued_at + DEFAULT_LIFETIME));
+                product::Issued { tokens, times: schedule::TokenTimes { issued_at, expires_at } }
+            })
+        };
+        let (answer, source) = self.ctx.products.token(&key, &want, retry_at, request).await;
+        metrics.grant_refresh(&self.ns, &self.grant.name_any(), request_result(answer.as_ref().err()));
+        let issued = match answer {
+            Ok(issued) => issued,
+            Err(err) => return self.refresh_failed(err, None, published).await,
+        };
+        if source == product::Source::Shared {
+            debug!(issued_at = %issued.times.issued_at, "using the product token another grant requested");
+        }
+        let source = match source {
+            product::Source::Requested => metrics::source::REQUESTED,
+            product::Source::Shared => metrics::source::SHARED,
+        };
+        let next = self.publish_token(&issued.tokens, issued.times, None, target_secret.as_ref(), source).await?;
+        self.ctx.memory.reset_api_backoff(&self.key);
+        if schedule::announce(why, recovering) {
+            self.event(EventType::Normal, reason::REFRESHED, format!("Access token renewed: {}", why.as_str())).await;
+        }
+        Ok(Action::requeue(until(Timestamp::now(), next)))
+    }
+
+    /// The grant's OAuth client, discovered once per issuer, client id and client secret.
+    async fn oauth_client(&self, inputs: &inputs::Inputs) -> Result<Arc<WgtwoClient>, OAuthError> {
+        let issuer = &self.grant.spec.issuer_url;
+        let client_key = lineage::sha256_hex(&[issuer, &inputs.client_id, inputs.client_secret.secret()]);
+        let config = self.ctx.client_config(issuer, inputs);
+        self.ctx.memory.client(&self.key, client_key, || WgtwoClient::discover(config)).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -495,13 +611,12 @@ impl Run<'_> {
         published: Option<schedule::TokenTimes>,
     ) -> Result<Action, Error> {
         let recovering = self.failed_attempts() > 0;
-        let issuer = &self.grant.spec.issuer_url;
-        let client_key = lineage::sha256_hex(&[issuer, &inputs.client_id, inputs.client_secret.secret()]);
-        let config = self.ctx.client_config(issuer, inputs);
-        let client = self.ctx.memory.client(&self.key, client_key.clone(), || WgtwoClient::discover(config)).await;
-        let client = match client {
+        let client = match self.oauth_client(inputs).await {
             Ok(client) => client,
-            Err(err) => return self.refresh_failed(err, chosen, fingerprint, state_secret.as_ref(), published).await,
+            Err(err) => {
+                let refused = Refused { chosen, fingerprint, state: state_secret.as_ref() };
+                return self.refresh_failed(err, Some(refused), published).await;
+            }
         };
         // A refresh token may be presented once only, so the state it came from must be the latest:
         // a copy this process wrote itself is; any other (a watch event, or none at all) may lag a
@@ -546,16 +661,16 @@ impl Run<'_> {
             self.ctx.memory.keep(&self.key, pending.clone());
             pending
         });
-        let outcome = match &tokens {
-            Ok(_) => metrics::result::SUCCESS,
-            Err(e) if e.class() == ErrorClass::Permanent => metrics::result::REJECTED,
-            Err(_) => metrics::result::RETRYABLE_ERROR,
-        };
+        let outcome = request_result(tokens.as_ref().err());
         let seconds = received.duration_since(sent).as_secs_f64();
-        self.ctx.shared.metrics.refresh(&self.ns, &self.grant.name_any(), outcome, seconds);
+        self.ctx.shared.metrics.token_request(GRANT_TYPE_REFRESH_TOKEN, outcome, seconds);
+        self.ctx.shared.metrics.grant_refresh(&self.ns, &self.grant.name_any(), outcome);
         let pending = match tokens {
             Ok(pending) => pending,
-            Err(err) => return self.refresh_failed(err, chosen, fingerprint, state_secret.as_ref(), published).await,
+            Err(err) => {
+                let refused = Refused { chosen, fingerprint, state: state_secret.as_ref() };
+                return self.refresh_failed(err, Some(refused), published).await;
+            }
         };
         // The tokens are good; only the ID token is not (the client already fetched the issuer's
         // keys again if it named an unknown one). Publish first: the rotated refresh token must not wait.
@@ -645,24 +760,35 @@ impl Run<'_> {
         }
         // Whole seconds (rounded down: never later than the server said), as RFC 3339 readers expect.
         let expires_at = whole_seconds(pending.tokens.expires_at.unwrap_or(pending.refreshed_at + DEFAULT_LIFETIME));
-        let data = target::data(
-            &pending.tokens,
-            expires_at,
-            phone.flatten().or_else(|| target.and_then(target::phone_number)),
-        );
-        let annotations =
-            BTreeMap::from([(target::ANNOTATION_REFRESHED_AT.to_owned(), pending.refreshed_at.to_string())]);
-        self.write_secret(&self.grant.spec.target.secret_name, target, data, annotations).await?;
         let times = schedule::TokenTimes { issued_at: pending.refreshed_at, expires_at };
+        let phone = phone.flatten().or_else(|| target.and_then(target::phone_number));
+        let next = self.publish_token(&pending.tokens, times, phone, target, metrics::source::REQUESTED).await?;
+        self.ctx.memory.published(&self.key);
+        Ok(next)
+    }
+
+    /// Writes the access token to the target Secret, then the status. Returns when the next
+    /// refresh is due.
+    async fn publish_token(
+        &self,
+        tokens: &TokenSet,
+        times: schedule::TokenTimes,
+        phone: Option<String>,
+        target: Option<&Secret>,
+        source: &str,
+    ) -> Result<Timestamp, Error> {
+        let data = target::data(tokens, times.expires_at, phone);
+        let annotations = BTreeMap::from([(target::ANNOTATION_REFRESHED_AT.to_owned(), times.issued_at.to_string())]);
+        self.write_secret(&self.grant.spec.target.secret_name, target, data, annotations).await?;
+        self.ctx.shared.metrics.token_published(self.grant.spec.grant_type().as_str(), source);
         let next = schedule::refresh_at(times, self.refresh_before(), self.jitter_seed());
-        let subject = pending.tokens.id_token.as_ref().map(|id| id.subject.clone());
-        let scope = pending.tokens.scope.clone();
+        let subject = tokens.id_token.as_ref().map(|id| id.subject.clone());
         let handled = self.grant.annotations().get(ANNOTATION_REFRESH_REQUESTED).cloned();
-        self.set_ready(true, reason::REFRESHED, self.valid_message(expires_at), |s| {
-            s.expires_at = Some(Time(expires_at));
-            s.last_refresh_time = Some(Time(pending.refreshed_at));
+        self.set_ready(true, reason::REFRESHED, self.valid_message(times.expires_at), |s| {
+            s.expires_at = Some(Time(times.expires_at));
+            s.last_refresh_time = Some(Time(times.issued_at));
             s.next_refresh_time = Some(Time(ceil_seconds(next)));
-            s.scope.clone_from(&scope);
+            s.scope.clone_from(&tokens.scope);
             if subject.is_some() {
                 s.subject.clone_from(&subject);
             }
@@ -673,16 +799,15 @@ impl Run<'_> {
             s.last_failure_time = None;
         })
         .await?;
-        self.ctx.memory.published(&self.key);
         Ok(next)
     }
 
+    /// A failed token request (or, for a product grant, the shared failure of its key). `refused`
+    /// is a subscriber's lineage: a refusal is remembered in its state Secret.
     async fn refresh_failed(
         &self,
         err: OAuthError,
-        chosen: lineage::Chosen,
-        fingerprint: String,
-        state: Option<&Secret>,
+        refused: Option<Refused<'_>>,
         published: Option<schedule::TokenTimes>,
     ) -> Result<Action, Error> {
         let now = Timestamp::now();
@@ -694,7 +819,9 @@ impl Run<'_> {
         let failed_at = Time(whole_seconds(now));
         if err.class() == ErrorClass::Permanent {
             let (why, advice) = self.permanent_advice(&err);
-            if matches!(err, OAuthError::Rejected { .. }) {
+            if let Some(Refused { chosen, fingerprint, state }) = refused
+                && matches!(err, OAuthError::Rejected { .. })
+            {
                 // Remember that these inputs were refused, so they are not sent again.
                 let data = lineage::encode(&RefreshState {
                     refresh_token: chosen.refresh_token,
@@ -705,7 +832,7 @@ impl Run<'_> {
                 });
                 self.write_secret(&self.state_name(), state, data, BTreeMap::new()).await?;
             }
-            let message = format!("{err}. {advice}{still_valid}");
+            let message = format!("{}. {}.{still_valid}", sentence(&err), advice.trim_end_matches('.'));
             warn!(reason = why, error = %err, "refresh refused; waiting for a fix");
             self.ctx.shared.metrics.reconcile_error(why);
             self.event(EventType::Warning, why, message.clone()).await;
@@ -728,7 +855,8 @@ impl Run<'_> {
         let next_attempt = ceil_seconds(now + SignedDuration::try_from(delay).unwrap_or(SignedDuration::MAX));
         // The same words on every retry: the condition and the Event change only when the reason does.
         let message = format!(
-            "Refresh failed: {err}. Retrying with backoff; status.nextRefreshTime is the next attempt.{still_valid}"
+            "Refresh failed: {}. Retrying with backoff; status.nextRefreshTime is the next attempt.{still_valid}",
+            sentence(&err)
         );
         let why = if valid.is_some() { reason::RETRYING_REFRESH } else { reason::IDENTITY_SERVICE_UNAVAILABLE };
         self.ctx.shared.metrics.reconcile_error(why);
@@ -770,13 +898,17 @@ impl Run<'_> {
 
     fn permanent_advice(&self, err: &OAuthError) -> (&'static str, String) {
         let spec = &self.grant.spec;
-        let (name, key) = (&spec.refresh_token_secret_ref.name, &spec.refresh_token_secret_ref.key);
+        let client = format!("Check client_id and client_secret in Secret {}", spec.client_secret_ref.name);
+        let token_ref = match spec.grant_type() {
+            GrantType::RefreshToken(token_ref) => token_ref,
+            GrantType::ClientCredentials => return product_advice(err, client),
+        };
+        let RefreshTokenSecretRef { name, key } = token_ref;
         let reauthorize = format!(
             "Re-authorize: put a new refresh token into Secret {name} key {key} (wgtwo-operator authorize {} -n {})",
             self.grant.name_any(),
             self.grant.namespace().unwrap_or_default()
         );
-        let client = format!("Check client_id and client_secret in Secret {}", spec.client_secret_ref.name);
         match err.oauth_error() {
             Some("invalid_grant") => (
                 reason::INVALID_GRANT,
@@ -823,6 +955,7 @@ impl Run<'_> {
                 status::ready_condition(previous, ready, why, message.clone(), self.grant.metadata.generation, now);
             let mut next = status::with_ready(current, condition);
             next.observed_generation = self.grant.metadata.generation;
+            next.grant_type = Some(self.grant.spec.grant_type().as_str().to_owned());
             edit(&mut next);
             next
         };
@@ -960,6 +1093,50 @@ impl Run<'_> {
         if let Err(err) = result {
             warn!(error = %err, "could not publish an Event");
         }
+    }
+}
+
+/// A subscriber's refresh that failed: what it presented, so a refusal can be remembered.
+struct Refused<'a> {
+    chosen: lineage::Chosen,
+    fingerprint: String,
+    state: Option<&'a Secret>,
+}
+
+/// An error as the start of a sentence in a message: without the final period the server's
+/// description may bring, since the message adds its own.
+fn sentence(err: &OAuthError) -> String {
+    err.to_string().trim_end_matches('.').to_owned()
+}
+
+/// The `result` label of a token request's metrics.
+fn request_result(error: Option<&OAuthError>) -> &'static str {
+    match error {
+        None => metrics::result::SUCCESS,
+        Some(e) if e.class() == ErrorClass::Permanent => metrics::result::REJECTED,
+        Some(_) => metrics::result::RETRYABLE_ERROR,
+    }
+}
+
+/// Reason and advice for a refused product-token request. Nothing here speaks of subscribers or
+/// re-authorization: a product token has neither.
+fn product_advice(err: &OAuthError, client: String) -> (&'static str, String) {
+    match err.oauth_error() {
+        Some("invalid_client") => (reason::INVALID_CLIENT, format!("The OAuth client was refused. {client}")),
+        Some("unauthorized_client") => (
+            reason::UNAUTHORIZED_CLIENT,
+            format!(
+                "The client may not use the client_credentials grant: allow it for the client at the identity service, or use a client that may. {client}"
+            ),
+        ),
+        Some("invalid_scope") => (
+            reason::INVALID_SCOPE,
+            "Fix spec.scope: the client is not allowed every scope it asks for (unset, the client's default scope is used)".into(),
+        ),
+        None if matches!(err, OAuthError::Discovery { .. }) => {
+            (reason::DISCOVERY_FAILED, "Check spec.issuerUrl: it must be the identity service's base URL".into())
+        }
+        _ => (reason::TOKEN_REQUEST_REJECTED, format!("Check spec.issuerUrl, spec.scope and the client. {client}")),
     }
 }
 

@@ -17,6 +17,8 @@ pub mod reason {
     pub const UNAUTHORIZED_CLIENT: &str = "UnauthorizedClient";
     pub const INVALID_SCOPE: &str = "InvalidScope";
     pub const REFRESH_REJECTED: &str = "RefreshRejected";
+    /// A product token request was refused for a reason other than the client or the scope.
+    pub const TOKEN_REQUEST_REJECTED: &str = "TokenRequestRejected";
     pub const DISCOVERY_FAILED: &str = "DiscoveryFailed";
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";

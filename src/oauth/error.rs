@@ -15,7 +15,7 @@ pub enum ErrorClass {
 
 /// A failure of a call to the identity service. Messages never carry a token or a secret: the
 /// server's `error_description` is kept, a response body never is.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum OAuthError {
     /// The server answered with an OAuth error (RFC 6749 section 5.2).
     #[error("{operation}: the identity service answered `{error}`{}", describe(.description))]

@@ -37,6 +37,8 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     /// Credentials of the operator's ServiceAccount, bound to exactly the shipped RBAC.
     pub operator_kubeconfig: PathBuf,
+    /// The namespace the operator watches (`--namespace`); `None`: all.
+    pub watch_namespace: Option<String>,
     operator_starts: usize,
 }
 
@@ -101,7 +103,18 @@ impl Env {
         };
         cp.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", manifests.to_str().unwrap()]).unwrap();
         let (_, operator_kubeconfig) = cp.service_account_client(OPERATOR_NS, OPERATOR_SA).await.unwrap();
-        let env = Env { cp, hydra, client, wgtwo, kube, ca_file, dir, operator_kubeconfig, operator_starts: 0 };
+        let env = Env {
+            cp,
+            hydra,
+            client,
+            wgtwo,
+            kube,
+            ca_file,
+            dir,
+            operator_kubeconfig,
+            watch_namespace: Some(NS.into()),
+            operator_starts: 0,
+        };
         env.put_secret(
             "wgtwo-client",
             &[("client_id", &env.client.client_id), ("client_secret", &env.client.client_secret)],
@@ -151,10 +164,11 @@ impl Env {
         let mut spec = WgtwoGrantSpec {
             issuer_url: self.hydra.base_url(),
             client_secret_ref: ClientSecretRef { name: "wgtwo-client".into() },
-            refresh_token_secret_ref: RefreshTokenSecretRef {
+            refresh_token_secret_ref: Some(RefreshTokenSecretRef {
                 name: format!("{name}-authorization"),
                 key: "refresh_token".into(),
-            },
+            }),
+            client_credentials: None,
             target: TargetSecret { secret_name: format!("{name}-token") },
             scope: None,
             refresh_before: None,
@@ -191,27 +205,21 @@ impl Env {
         self.operator_starts += 1;
         let port = wgtwo_testenv::free_port();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wgtwo-operator"));
-        cmd.args([
-            "run",
-            "--namespace",
-            NS,
-            "--min-backoff",
-            "500ms",
-            "--max-backoff",
-            "4s",
-            "--request-timeout",
-            "3s",
-        ])
-        .args(["--metrics-bind-address", &format!("127.0.0.1:{port}")])
-        .args(["--allowed-issuer", &self.hydra.base_url()])
-        // Short enough for failover tests; must exceed 3s + 5s + the renew period.
-        .args(["--leader-election-namespace", OPERATOR_NS, "--lease-duration", "12s", "--lease-renew-period", "1s"])
-        .args(extra)
-        .env("POD_NAME", format!("operator-{}", self.operator_starts))
-        .arg("--ca-bundle")
-        .arg(&self.ca_file)
-        .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "info,wgtwo_operator=debug");
+        cmd.arg("run");
+        if let Some(ns) = &self.watch_namespace {
+            cmd.args(["--namespace", ns]);
+        }
+        cmd.args(["--min-backoff", "500ms", "--max-backoff", "4s", "--request-timeout", "3s"])
+            .args(["--metrics-bind-address", &format!("127.0.0.1:{port}")])
+            .args(["--allowed-issuer", &self.hydra.base_url()])
+            // Short enough for failover tests; must exceed 3s + 5s + the renew period.
+            .args(["--leader-election-namespace", OPERATOR_NS, "--lease-duration", "12s", "--lease-renew-period", "1s"])
+            .args(extra)
+            .env("POD_NAME", format!("operator-{}", self.operator_starts))
+            .arg("--ca-bundle")
+            .arg(&self.ca_file)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,wgtwo_operator=debug");
         let log = self.dir.path().join(format!("operator-{}.log", self.operator_starts));
         (ChildGuard::spawn("wgtwo-operator", cmd, &log).unwrap(), port)
     }

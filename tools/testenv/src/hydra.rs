@@ -252,11 +252,21 @@ impl Hydra {
         redirect_uris: &[&str],
         grant_types: &[&str],
     ) -> anyhow::Result<OAuthClient> {
+        self.create_client_with(redirect_uris, grant_types, "openid phone offline_access").await
+    }
+
+    /// Like `create_client`, allowed only these grant types and these (space-separated) scopes.
+    pub async fn create_client_with(
+        &self,
+        redirect_uris: &[&str],
+        grant_types: &[&str],
+        scope: &str,
+    ) -> anyhow::Result<OAuthClient> {
         let body = json!({
             "client_name": "wgtwo-operator-test",
             "grant_types": grant_types,
             "response_types": ["code"],
-            "scope": "openid phone offline_access",
+            "scope": scope,
             "redirect_uris": redirect_uris,
             "token_endpoint_auth_method": "client_secret_basic",
         });

@@ -1,6 +1,7 @@
 //! A TLS-terminating HTTP proxy in front of Hydra's public endpoint that records every refresh
 //! token presented to the token endpoint (as a digest, with when it arrived and what Hydra
-//! answered), and can hold token answers back.
+//! answered) and every token request (grant type, client, scope, answer), and can hold token
+//! answers back.
 //!
 //! Why: Hydra refuses a refresh token presented a second time only when the two requests do not
 //! overlap (its SQLite store lets two concurrent uses both succeed), so "Hydra refused nothing"
@@ -55,9 +56,21 @@ pub fn reuses(presented: &[Presentation]) -> Vec<String> {
     found
 }
 
+/// One request to the token endpoint, as the proxy saw it (no secret: the client id only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRequest {
+    pub grant_type: String,
+    /// From HTTP Basic authentication (or the form, for clients that post it).
+    pub client_id: Option<String>,
+    pub scope: Option<String>,
+    /// Hydra's answer; `None` while in flight.
+    pub status: Option<u16>,
+}
+
 #[derive(Default)]
 struct Shared {
     presented: Mutex<Vec<Presentation>>,
+    requests: Mutex<Vec<TokenRequest>>,
     /// Milliseconds to hold each token answer before passing it on.
     hold_ms: AtomicU64,
     in_flight: AtomicUsize,
@@ -102,6 +115,11 @@ impl RecordingProxy {
     /// Every refresh token presented so far, in arrival order.
     pub fn presentations(&self) -> Vec<Presentation> {
         self.shared.presented.lock().unwrap().clone()
+    }
+
+    /// Every token request so far, in arrival order.
+    pub fn token_requests(&self) -> Vec<TokenRequest> {
+        self.shared.requests.lock().unwrap().clone()
     }
 
     /// Each refresh token presented twice so far (see [`reuses`]).
@@ -161,6 +179,11 @@ async fn forward(State((shared, up)): State<(Arc<Shared>, Arc<Upstream>)>, reque
     };
     let is_token = parts.uri.path() == "/oauth2/token";
     let _in_flight = is_token.then(|| InFlight::enter(&shared));
+    let request = is_token.then(|| {
+        let mut requests = shared.requests.lock().unwrap();
+        requests.push(token_request(&parts.headers, &body));
+        requests.len() - 1
+    });
     let presentation = is_token.then(|| refresh_token_in(&body)).flatten().map(|token| {
         let digest = crate::sha256_hex(&token);
         let mut presented = shared.presented.lock().unwrap();
@@ -178,7 +201,13 @@ async fn forward(State((shared, up)): State<(Arc<Shared>, Arc<Upstream>)>, reque
     let sent = up.client.request(parts.method, url).headers(headers).body(body).send().await;
     let answer = match sent {
         Ok(answer) => answer,
-        Err(e) => return (StatusCode::BAD_GATEWAY, format!("upstream: {e}")).into_response(),
+        Err(e) => {
+            // What the client sees: the proxy's own 502.
+            if let Some(i) = request {
+                shared.requests.lock().unwrap()[i].status = Some(StatusCode::BAD_GATEWAY.as_u16());
+            }
+            return (StatusCode::BAD_GATEWAY, format!("upstream: {e}")).into_response();
+        }
     };
     let status = answer.status();
     let answered = Instant::now();
@@ -187,6 +216,9 @@ async fn forward(State((shared, up)): State<(Arc<Shared>, Arc<Upstream>)>, reque
         Ok(body) => body,
         Err(e) => return (StatusCode::BAD_GATEWAY, format!("upstream body: {e}")).into_response(),
     };
+    if let Some(i) = request {
+        shared.requests.lock().unwrap()[i].status = Some(status.as_u16());
+    }
     if let Some(i) = presentation {
         let error = (!status.is_success()).then(|| error_in(&body));
         let mut presented = shared.presented.lock().unwrap();
@@ -210,6 +242,25 @@ fn refresh_token_in(form: &[u8]) -> Option<String> {
     (pairs.get("grant_type").map(String::as_str) == Some("refresh_token"))
         .then(|| pairs.get("refresh_token").cloned())
         .flatten()
+}
+
+fn token_request(headers: &HeaderMap, form: &[u8]) -> TokenRequest {
+    let pairs: HashMap<String, String> = url::form_urlencoded::parse(form).into_owned().collect();
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b64| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64.trim()).ok())
+        .and_then(|raw| String::from_utf8(raw).ok())
+        // RFC 6749 2.3.1: the id is form-encoded before it is joined with the secret.
+        .and_then(|pair| pair.split_once(':').map(|(id, _)| id.to_owned()))
+        .and_then(|id| url::form_urlencoded::parse(format!("x={id}").as_bytes()).next().map(|(_, v)| v.into_owned()));
+    TokenRequest {
+        grant_type: pairs.get("grant_type").cloned().unwrap_or_default(),
+        client_id: basic.or_else(|| pairs.get("client_id").cloned()),
+        scope: pairs.get("scope").cloned(),
+        status: None,
+    }
 }
 
 /// An OAuth error answer's `error: error_description` (never a token: error answers carry none).
@@ -264,6 +315,18 @@ mod tests {
         assert_eq!(refresh_token_in(b"grant_type=refresh_token&refresh_token=a%2Bb").as_deref(), Some("a+b"));
         assert_eq!(refresh_token_in(b"grant_type=authorization_code&code=x&refresh_token=y"), None);
         assert_eq!(refresh_token_in(b"grant_type=refresh_token"), None);
+    }
+
+    #[test]
+    fn a_token_request_names_its_grant_type_client_and_scope_and_never_the_secret() {
+        let mut headers = HeaderMap::new();
+        let basic = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "my%20client:s3cret");
+        headers.insert(header::AUTHORIZATION, format!("Basic {basic}").parse().unwrap());
+        let request = token_request(&headers, b"grant_type=client_credentials&scope=a+b");
+        assert_eq!(request.grant_type, "client_credentials");
+        assert_eq!(request.client_id.as_deref(), Some("my client"));
+        assert_eq!(request.scope.as_deref(), Some("a b"));
+        assert!(!format!("{request:?}").contains("s3cret"));
     }
 
     fn presented(digest: &str, arrived: Instant, answered: Option<(Instant, u16)>) -> Presentation {

@@ -1,6 +1,7 @@
 //! The main job, locally: a real kube-apiserver and Ory Hydra on loopback, a subscriber authorized
-//! with `wgtwo-operator authorize`, the operator running, and its target Secret being rotated.
-//! Tokens are never printed, only a fingerprint of each.
+//! with `wgtwo-operator authorize`, a product grant (client credentials) next to it, the operator
+//! running, and both target Secrets being renewed. Tokens are never printed, only a fingerprint of
+//! each.
 //!
 //!   wgtwo-demo --operator target/debug/wgtwo-operator [--rotations N] [--keep]
 
@@ -17,6 +18,23 @@ use wgtwo_testenv::{ControlPlane, Hydra, HydraOptions, Subscriber};
 const NS: &str = "demo";
 const REDIRECT: &str = "https://example.com/callback";
 const TTL: Duration = Duration::from_secs(20);
+/// The scope of the demo product's own token.
+const PRODUCT_SCOPE: &str = "subscription.read";
+/// A product grant as a platform team writes it.
+const PRODUCT_GRANT: &str = r#"apiVersion: auth.wgtwo.com/v1alpha1
+kind: WgtwoGrant
+metadata:
+  name: product
+  namespace: demo
+spec:
+  issuerUrl: ISSUER
+  clientSecretRef:
+    name: product-client
+  clientCredentials: {}
+  scope: subscription.read
+  target:
+    secretName: product-token
+"#;
 
 struct Args {
     operator: String,
@@ -91,6 +109,12 @@ async fn main() -> anyhow::Result<()> {
     }
     anyhow::ensure!(authorize.wait()?.success(), "authorize failed");
 
+    step(&format!(
+        "registering a product's OAuth client in Hydra (client credentials, scope {PRODUCT_SCOPE}) and storing it in Secret demo/product-client"
+    ));
+    let product = hydra.create_client_with(&[], &["client_credentials"], PRODUCT_SCOPE).await?;
+    secrets.create(&PostParams::default(), &product.kube_secret("product-client")).await?;
+
     step("kubectl apply --server-side -f deploy/manifests/wgtwo-operator.yaml   (CRD, ServiceAccount, RBAC, ...)");
     let manifests = wgtwo_testenv::repo_root().join("deploy/manifests/wgtwo-operator.yaml");
     print!(
@@ -98,6 +122,13 @@ async fn main() -> anyhow::Result<()> {
         indent(&cp.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", manifests.to_str().unwrap()])?)
     );
     let (_, operator_kubeconfig) = cp.service_account_client("wgtwo-system", "wgtwo-operator").await?;
+
+    step("kubectl apply -f product-grant.yaml   (the product's own token, next to alice's)");
+    let product_grant = PRODUCT_GRANT.replace("ISSUER", &hydra.base_url());
+    print!("{}", indent(&product_grant));
+    let grant_file = dir.path().join("product-grant.yaml");
+    std::fs::write(&grant_file, &product_grant)?;
+    print!("{}", indent(&cp.kubectl(&["apply", "-f", grant_file.to_str().unwrap()])?));
 
     let port = wgtwo_testenv::free_port();
     step(&format!(
@@ -117,29 +148,36 @@ async fn main() -> anyhow::Result<()> {
     let mut operator = ChildGuard::spawn("wgtwo-operator", cmd, &log)?;
     println!("    (operator log: {})", log.display());
 
-    step(&format!("watching Secret demo/alice-token for {} rotations (fingerprints, never tokens)", args.rotations));
+    step(&format!(
+        "watching Secrets demo/alice-token and demo/product-token for {} renewals each (fingerprints, never tokens)",
+        args.rotations
+    ));
     let started = Instant::now();
-    let mut last = None;
-    let mut rotations = 0;
-    while rotations <= args.rotations {
+    // Per target Secret: the last token seen and how many were seen.
+    let mut seen = [("alice-token", None, 0), ("product-token", None, 0)];
+    while seen.iter().any(|(_, _, n)| *n <= args.rotations) {
         operator.check_running()?;
-        anyhow::ensure!(started.elapsed() < TTL * (args.rotations as u32 + 3), "no rotation seen in time");
-        if let Some(secret) = secrets.get_opt("alice-token").await? {
+        anyhow::ensure!(started.elapsed() < TTL * (args.rotations as u32 + 3), "no renewal seen in time");
+        for (name, last, count) in &mut seen {
+            let Some(secret) = secrets.get_opt(name).await? else { continue };
             let data = secret.data.unwrap_or_default();
-            let get = |k: &str| data.get(k).map(|v| String::from_utf8_lossy(&v.0).into_owned()).unwrap_or_default();
-            let token = get("access_token");
+            let get = |k: &str| data.get(k).map(|v| String::from_utf8_lossy(&v.0).into_owned());
+            let token = get("access_token").unwrap_or_default();
             if Some(&token) != last.as_ref() {
                 let introspected = hydra.introspect(&token).await?;
+                let who = match get("phone_number") {
+                    Some(phone) => format!("phone_number {phone}"),
+                    None => format!("scope {}", get("scope").unwrap_or_default()),
+                };
                 println!(
-                    "    {:>5.1}s  access_token sha256 {}…  expires_at {}  phone_number {}  active at Hydra: {}",
+                    "    {:>5.1}s  {name:<13}  access_token sha256 {}…  expires_at {}  {who}  active at Hydra: {}",
                     started.elapsed().as_secs_f64(),
                     &wgtwo_testenv::sha256_hex(&token)[..12],
-                    get("expires_at"),
-                    get("phone_number"),
+                    get("expires_at").unwrap_or_default(),
                     introspected["active"]
                 );
-                last = Some(token);
-                rotations += 1;
+                *last = Some(token);
+                *count += 1;
             }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
