@@ -31,7 +31,7 @@ async fn grant_becomes_ready_and_is_refreshed_ahead_of_every_expiry_killing_each
     assert_eq!(status.observed_generation, Some(1));
     let table = env.cp.kubectl(&["get", "wgtwogrants", "-n", NS]).unwrap();
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
-    assert_eq!(row[..3], ["alice", "True", "Refreshed"], "{table}");
+    assert_eq!(row[..4], ["alice", "refresh_token", "True", "Refreshed"], "{table}");
 
     // Watch three more refreshes: each new token appears before the one it replaces expires, and
     // every refresh token the operator has moved past is dead.

@@ -60,6 +60,10 @@ async fn scrape_passes_promtool_and_grant_series_follow_the_grant_and_vanish_wit
     assert_eq!(metric(&text, "wgtwo_grant_ready", &alice), 1.0);
     assert_eq!(metric(&text, "wgtwo_grant_refresh_total", &[("name", "alice"), ("result", "success")]), 1.0);
     assert_eq!(metric(&text, "wgtwo_grant_refresh_duration_seconds_count", &[("result", "success")]), 1.0);
+    let refresh_requests = [("grant_type", "refresh_token"), ("result", "success")];
+    assert_eq!(metric(&text, "wgtwo_operator_token_requests_total", &refresh_requests), 1.0);
+    let published = [("grant_type", "refresh_token"), ("source", "requested")];
+    assert_eq!(metric(&text, "wgtwo_operator_tokens_published_total", &published), 1.0);
     assert!(metric(&text, "wgtwo_grant_reconcile_errors_total", &[("reason", "SecretNotFound")]) >= 1.0);
     assert_eq!(metric(&text, "wgtwo_operator_leader", &[]), 1.0);
     let (ok, report) = promtool_check_metrics(&text);

@@ -152,6 +152,10 @@ async fn grants_with_the_same_client_and_scope_share_one_token_request_per_lifet
         create_product_grant(&env, ns, name, "product-client", Some(PRODUCT_SCOPE)).await;
     }
     create_product_grant(&env, NS, "other", "product-client", Some("a")).await;
+    // Someone in team-b who knows the client id but not its secret asks for the same scope: the
+    // shared token is keyed by the secret too, so they get a refusal, not the token.
+    put_client_secret(&env, "team-b", "guessed-client", &client.client_id, "guessed").await;
+    create_product_grant(&env, "team-b", "intruder", "guessed-client", Some(PRODUCT_SCOPE)).await;
     let all = [shared[0], shared[1], shared[2], (NS, "other")];
     let (_operator, port) = env.start_operator_with(&[]);
 
@@ -173,11 +177,14 @@ async fn grants_with_the_same_client_and_scope_share_one_token_request_per_lifet
         assert!(Instant::now() < deadline, "only {renewed} of 4 grants renewed within 30 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let requests = product_requests(&env);
+    let (requests, refused): (Vec<_>, Vec<_>) = product_requests(&env).into_iter().partition(|r| r.status == Some(200));
     let counts = by_scope(&requests);
     println!("client credentials requests over two generations: {counts:?} (4 grants; 3 share `a b`)");
     assert_eq!(counts, BTreeMap::from([("a".to_owned(), 2), (PRODUCT_SCOPE.to_owned(), 2)]), "{requests:?}");
     assert!(requests.iter().all(|r| r.client_id.as_deref() == Some(client.client_id.as_str())));
+    assert_eq!(refused.len(), 1, "the intruder's one refused request: {refused:?}");
+    wait_reason(&env, "team-b", "intruder", ("False", "InvalidClient"), Duration::from_secs(10)).await;
+    assert_eq!(target_value(&env, "team-b", "intruder", "access_token").await, None, "the intruder got a token");
 
     // The three sharing grants hold the same token, in both namespaces; the other scope its own.
     let mut published = BTreeSet::new();
@@ -202,7 +209,7 @@ async fn grants_with_the_same_client_and_scope_share_one_token_request_per_lifet
         "wgtwo_operator_tokens_published_total",
         &[("grant_type", "client_credentials"), ("source", "requested")],
     );
-    assert_eq!((sent, requested_published, shared_published), (4.0, 4.0, 4.0), "{text}");
+    assert_eq!((sent, requested_published, shared_published), (5.0, 4.0, 4.0), "{text}");
     assert_eq!(metric(&text, "wgtwo_operator_token_requests_total", &[("grant_type", "refresh_token")]), 0.0);
 }
 

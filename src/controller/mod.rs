@@ -780,7 +780,6 @@ impl Run<'_> {
         let data = target::data(tokens, times.expires_at, phone);
         let annotations = BTreeMap::from([(target::ANNOTATION_REFRESHED_AT.to_owned(), times.issued_at.to_string())]);
         self.write_secret(&self.grant.spec.target.secret_name, target, data, annotations).await?;
-        self.ctx.shared.metrics.token_published(self.grant.spec.grant_type().as_str(), source);
         let next = schedule::refresh_at(times, self.refresh_before(), self.jitter_seed());
         let subject = tokens.id_token.as_ref().map(|id| id.subject.clone());
         let handled = self.grant.annotations().get(ANNOTATION_REFRESH_REQUESTED).cloned();
@@ -799,6 +798,8 @@ impl Run<'_> {
             s.last_failure_time = None;
         })
         .await?;
+        // Counted once published in full: a retried status write would otherwise count twice.
+        self.ctx.shared.metrics.token_published(self.grant.spec.grant_type().as_str(), source);
         Ok(next)
     }
 
