@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use wgtwo_testenv::process::ChildGuard;
 use wgtwo_testenv::token_server::{RotatingTokenServer, USER_TOKEN_PREFIX};
@@ -450,13 +450,23 @@ impl View {
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// One watch over the benchmark's grants (started before any measured phase, so it adds no
-/// request to one).
-fn watch_grants(client: kube::Client) -> Arc<Mutex<View>> {
+/// request to one). Dropping the guard stops it: it must stop before the control plane does, or
+/// its retries keep the runtime from shutting down.
+fn watch_grants(client: kube::Client) -> (Arc<Mutex<View>>, AbortOnDrop) {
     let view = Arc::new(Mutex::new(View::default()));
     let into = view.clone();
-    tokio::spawn(async move {
-        let stream = watcher(grants(&client, NS), watcher::Config::default().any_semantic());
+    let task = tokio::spawn(async move {
+        let stream = watcher(grants(&client, NS), watcher::Config::default().any_semantic()).default_backoff();
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             let (watcher::Event::Apply(g) | watcher::Event::InitApply(g)) = (match event {
@@ -479,7 +489,7 @@ fn watch_grants(client: kube::Client) -> Arc<Mutex<View>> {
             }
         }
     });
-    view
+    (view, AbortOnDrop(task))
 }
 
 async fn wait_view(
@@ -640,7 +650,7 @@ async fn main() -> anyhow::Result<()> {
         None
     };
 
-    let view = watch_grants(admin.clone());
+    let (view, _watch) = watch_grants(admin.clone());
     wait_view(&view, "benchmark watch synced", Duration::from_secs(120), |v| v.ready.len() == n).await?;
 
     println!("\n==> first convergence: operator started after the grants exist");
