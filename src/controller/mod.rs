@@ -410,11 +410,8 @@ impl Run<'_> {
             Ok(inputs) => inputs,
             Err(problem) => return self.input_problem(problem.reason, problem.message).await,
         };
-        let token_ref = match spec.grant_type() {
-            GrantType::RefreshToken(token_ref) => Some(token_ref),
-            GrantType::ClientCredentials => None,
-        };
-        // A product grant has no state Secret: nothing rotates.
+        // None: a product grant (client credentials), which has no state Secret: nothing rotates.
+        let token_ref = spec.refresh_token_secret_ref.as_ref();
         let state_secret = match token_ref {
             Some(_) => self.owned(&self.state_name()).await?,
             None => None,

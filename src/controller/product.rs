@@ -117,9 +117,6 @@ pub struct ProductTokens {
     entries: Mutex<HashMap<Arc<str>, Cell>>,
 }
 
-/// The answer of a request: the token's times are computed by the caller (`issued`).
-pub type Requested = Result<Issued, OAuthError>;
-
 impl ProductTokens {
     /// A token for `want` under `key`: the cached one, the shared failure, or the answer of a request
     /// sent by `request` (while the key's lock is held, so concurrent callers wait and reuse it).
@@ -133,7 +130,7 @@ impl ProductTokens {
     ) -> (Result<Issued, OAuthError>, Source)
     where
         R: FnOnce() -> F,
-        F: Future<Output = Requested>,
+        F: Future<Output = Result<Issued, OAuthError>>,
     {
         let cell = self.cell(key);
         let mut entry = cell.lock().await;
@@ -156,15 +153,6 @@ impl ProductTokens {
                 (answer, Source::Requested)
             }
         }
-    }
-
-    /// Keys held: one per issuer, client and scope in use (and recently used).
-    pub fn len(&self) -> usize {
-        self.entries.lock().unwrap().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn cell(&self, key: &str) -> Cell {
@@ -315,7 +303,7 @@ mod tests {
         // Another key is another request.
         let other = tokens.token("k2", &want(None), |_, _| Timestamp::now(), || async { Ok(issued(now, 3600)) }).await;
         assert_eq!(other.1, Source::Requested);
-        assert_eq!(tokens.len(), 2);
+        assert_eq!(tokens.entries.lock().unwrap().len(), 2);
     }
 
     #[tokio::test]
