@@ -1,5 +1,6 @@
 //! wgtwo-operator: keeps wgtwo OAuth 2.0 access tokens alive in Kubernetes Secrets.
 
+pub mod agent;
 pub mod api;
 pub mod authorize;
 pub mod controller;

@@ -33,6 +33,48 @@ enum Command {
     Authorize(Box<AuthorizeArgs>),
     /// Run the controller: keep every WgtwoGrant's access token refreshed in its target Secret.
     Run(Box<RunArgs>),
+    /// Sidecar: keep one Secret (a grant's target) as files in a volume shared with the
+    /// application, updated within a second of every change (kubelet takes a minute or more).
+    Agent(Box<AgentArgs>),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// The Secret to keep as files: the grant's target.secretName.
+    #[arg(long, env = "WGTWO_AGENT_SECRET")]
+    secret: String,
+    /// The Secret's namespace [default: the pod's namespace, else the kubeconfig's].
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// The directory to write into: an emptyDir (medium: Memory) shared with the application.
+    #[arg(long, env = "WGTWO_AGENT_DIR")]
+    dir: PathBuf,
+    /// Mode of the files, in octal.
+    #[arg(long, default_value = "0440", value_parser = parse_mode)]
+    file_mode: u32,
+    /// Address of /healthz and /readyz (ready once the files are written).
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    probe_bind_address: std::net::SocketAddr,
+    /// Also serve `GET /token` (JSON: access_token, token_type, expires_at) on this loopback
+    /// address, e.g. 127.0.0.1:8090, for an application that re-fetches the token after a 401.
+    #[arg(long)]
+    serve_token: Option<std::net::SocketAddr>,
+    /// How long one watch of the Secret lasts before it is renewed; a connection silent for 10 s
+    /// longer is dropped and made again.
+    #[arg(long, default_value = "50s", value_parser = parse_duration)]
+    watch_timeout: Duration,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode such as 0440"))?;
+    if mode > 0o777 {
+        return Err(format!("{s:?}: only permission bits (at most 0777)"));
+    }
+    if mode & 0o444 == 0 {
+        return Err(format!("{s:?}: nobody could read the files"));
+    }
+    Ok(mode)
 }
 
 #[derive(Args)]
@@ -138,15 +180,21 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from(d).map_err(|_| format!("{s:?} must not be negative"))
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         // Colours only on a terminal: log collectors and files get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Err(err) = run(Cli::parse()).await {
+    let cli = Cli::parse();
+    // The agent watches one Secret: one thread is plenty, and keeps a sidecar's memory small.
+    let mut runtime = match cli.command {
+        Command::Agent(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = runtime.enable_all().build().expect("the tokio runtime starts");
+    if let Err(err) = runtime.block_on(run(cli)) {
         // One line: the error and its causes.
         eprintln!("wgtwo-operator: {err:#}");
         std::process::exit(1);
@@ -191,6 +239,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             wgtwo_operator::operator::run(kube::Config::infer().await?, config).await?;
         }
+        Command::Agent(a) => {
+            let a = *a;
+            let kube_config = kube::Config::infer().await?;
+            let namespace = a.namespace.unwrap_or_else(|| kube_config.default_namespace.clone());
+            let config = wgtwo_operator::agent::AgentConfig {
+                namespace,
+                secret: a.secret,
+                dir: a.dir,
+                file_mode: a.file_mode,
+                probe_address: a.probe_bind_address,
+                token_address: a.serve_token,
+                watch_timeout: a.watch_timeout,
+            };
+            anyhow::ensure!(config.watch_timeout >= Duration::from_secs(1), "--watch-timeout: at least 1s");
+            let client = wgtwo_operator::agent::client(kube_config, config.watch_timeout)?;
+            wgtwo_operator::agent::run(client, config).await?;
+        }
         Command::Authorize(a) => {
             let a = *a;
             let kube = kube::Client::try_default().await?;
@@ -225,6 +290,15 @@ mod tests {
             Command::Run(a) => *a,
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn the_agent_takes_an_octal_file_mode_that_someone_can_read() {
+        assert_eq!(parse_mode("0440"), Ok(0o440));
+        assert_eq!(parse_mode("0o400"), Ok(0o400));
+        assert!(parse_mode("0200").unwrap_err().contains("nobody could read"));
+        assert!(parse_mode("1777").is_err());
+        assert!(parse_mode("rw").is_err());
     }
 
     #[test]

@@ -30,6 +30,10 @@ step "scale benchmark, 200 grants (--check)"
 cargo build --quiet --locked --workspace --bins
 target/debug/wgtwo-bench --operator target/debug/wgtwo-operator --grants 200 --clients 4 --no-baseline --check
 
+# The agent benchmark at a small N, for the same reason (tools/bench-agent.sh for the full run).
+step "agent benchmark, 50 updates"
+target/debug/wgtwo-agent-bench --operator target/debug/wgtwo-operator --updates 50
+
 # The harness kills every server it starts; prove it, so a leak cannot go unnoticed.
 step "checking for leftover test processes"
 cache_root=$(dirname "$(dirname "$(echo "$bins" | head -1 | cut -d= -f2)")")

@@ -30,6 +30,9 @@ pub struct ControlPlane {
     url: String,
     ca_pem: String,
     admin_kubeconfig: PathBuf,
+    /// The apiserver's flags, to start it again ([`ControlPlane::restart_apiserver`]).
+    api_args: Vec<String>,
+    api_starts: usize,
     dir: tempfile::TempDir,
 }
 
@@ -86,24 +89,26 @@ impl ControlPlane {
         let port = free_port();
         let url = format!("https://127.0.0.1:{port}");
         let path = |name: &str| dir.path().join(name).display().to_string();
-        let mut api_cmd = Command::new(binaries::path("kube-apiserver"));
-        api_cmd
-            .arg(format!("--etcd-servers={etcd_url}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+        let api_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
             // No kubelet or network here: nothing should publish the apiserver's (loopback) endpoint.
-            .arg("--endpoint-reconciler-type=none")
-            .arg(format!("--secure-port={port}"))
-            .arg(format!("--cert-dir={}", path("certs")))
-            .arg(format!("--tls-cert-file={}", path("apiserver.crt")))
-            .arg(format!("--tls-private-key-file={}", path("apiserver.key")))
-            .arg(format!("--client-ca-file={}", path("ca.crt")))
-            .arg("--authorization-mode=RBAC")
-            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg(format!("--service-account-key-file={}", path("service-account.pub")))
-            .arg(format!("--service-account-signing-key-file={}", path("service-account.key")))
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
-            .arg("--v=1");
+            "--endpoint-reconciler-type=none".into(),
+            format!("--secure-port={port}"),
+            format!("--cert-dir={}", path("certs")),
+            format!("--tls-cert-file={}", path("apiserver.crt")),
+            format!("--tls-private-key-file={}", path("apiserver.key")),
+            format!("--client-ca-file={}", path("ca.crt")),
+            "--authorization-mode=RBAC".into(),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", path("service-account.pub")),
+            format!("--service-account-signing-key-file={}", path("service-account.key")),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--v=1".into(),
+        ];
+        let mut api_cmd = Command::new(binaries::path("kube-apiserver"));
+        api_cmd.args(&api_args);
         let mut apiserver = ChildGuard::spawn("kube-apiserver", api_cmd, &dir.path().join("kube-apiserver.log"))?;
 
         let admin_kubeconfig = dir.path().join("admin.kubeconfig");
@@ -120,7 +125,35 @@ impl ControlPlane {
         })
         .await?;
 
-        Ok(Self { controller_manager: None, apiserver, etcd, url, ca_pem, admin_kubeconfig, dir })
+        Ok(Self {
+            controller_manager: None,
+            apiserver,
+            etcd,
+            url,
+            ca_pem,
+            admin_kubeconfig,
+            api_args,
+            api_starts: 1,
+            dir,
+        })
+    }
+
+    /// Stops kube-apiserver (SIGTERM), waits `down_for`, and starts it again on the same port with
+    /// the same flags; etcd keeps every object. Returns once it is ready again.
+    pub async fn restart_apiserver(&mut self, down_for: Duration) -> anyhow::Result<()> {
+        // Blocking (it waits for the process): off the async workers.
+        tokio::task::block_in_place(|| self.apiserver.terminate(Duration::from_secs(20)))?;
+        tokio::time::sleep(down_for).await;
+        self.api_starts += 1;
+        let mut cmd = Command::new(binaries::path("kube-apiserver"));
+        cmd.args(&self.api_args);
+        let log = self.dir.path().join(format!("kube-apiserver-{}.log", self.api_starts));
+        self.apiserver = ChildGuard::spawn("kube-apiserver", cmd, &log)?;
+        let admin = self.admin_client().await?;
+        wait_until(&mut self.apiserver, START_TIMEOUT, "kube-apiserver after a restart", || async {
+            admin.list_api_groups().await.is_ok()
+        })
+        .await
     }
 
     /// Starts kube-controller-manager with only the garbage collector (which deletes objects whose
