@@ -1,7 +1,8 @@
 //! The agent benchmark: a real kube-apiserver + etcd, the shipped sidecar example's ServiceAccount
 //! and one-Secret Role, and the (release) `wgtwo-operator agent`. Updates the Secret N times and
 //! prints how long each update took to reach the disk (from the apiserver's answer to a reader's
-//! first sight of it) and the agent's memory and CPU.
+//! first sight of it; the watch event can beat the answer, which counts as 0) and the agent's memory
+//! and CPU.
 //!
 //! Where the machine lets it create memory cgroups (as root), each agent runs in one of its own,
 //! as kubelet runs a container, and the bench prints the cgroup's usage and working set (usage
