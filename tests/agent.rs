@@ -27,6 +27,16 @@ async fn example_service_account(cp: &ControlPlane) -> PathBuf {
     cp.service_account_client(NS, SA).await.unwrap().1
 }
 
+/// A control plane with the example applied: the ServiceAccount's kubeconfig and the admin's
+/// Secrets API of its namespace.
+async fn example_control_plane() -> (ControlPlane, PathBuf, Api<Secret>) {
+    let cp = ControlPlane::start().await.unwrap();
+    cp.create_namespace(NS).await.unwrap();
+    let kubeconfig = example_service_account(&cp).await;
+    let admin = Api::namespaced(cp.admin_client().await.unwrap(), NS);
+    (cp, kubeconfig, admin)
+}
+
 fn token_data(n: usize) -> Vec<(String, String)> {
     vec![
         ("access_token".into(), format!("token-{n}")),
@@ -97,9 +107,7 @@ impl Agent {
     }
 
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.pid())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        wgtwo_testenv::process::proc_status(self.process.pid(), "VmRSS:").unwrap()
     }
 }
 
@@ -121,10 +129,7 @@ fn snapshot(dir: &Path) -> Option<BTreeMap<String, String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_puts_every_update_on_disk_within_a_second_and_a_reader_never_sees_a_torn_set() {
-    let cp = ControlPlane::start().await.unwrap();
-    cp.create_namespace(NS).await.unwrap();
-    let kubeconfig = example_service_account(&cp).await;
-    let secrets: Api<Secret> = Api::namespaced(cp.admin_client().await.unwrap(), NS);
+    let (cp, kubeconfig, secrets) = example_control_plane().await;
     put(&secrets, SECRET, 0).await;
     let dir = tempfile::tempdir().unwrap();
     let mut agent = start_agent(&kubeconfig, SECRET, dir.path(), cp.dir());
@@ -206,10 +211,7 @@ async fn the_agent_puts_every_update_on_disk_within_a_second_and_a_reader_never_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_role_lets_the_agent_read_its_one_secret_and_nothing_else() {
-    let cp = ControlPlane::start().await.unwrap();
-    cp.create_namespace(NS).await.unwrap();
-    let kubeconfig = example_service_account(&cp).await;
-    let admin: Api<Secret> = Api::namespaced(cp.admin_client().await.unwrap(), NS);
+    let (cp, kubeconfig, admin) = example_control_plane().await;
     put(&admin, SECRET, 1).await;
     put(&admin, "other-token", 1).await;
     let client = wgtwo_testenv::control_plane::client_from_kubeconfig(&kubeconfig).await.unwrap();
@@ -247,10 +249,7 @@ async fn the_example_role_lets_the_agent_read_its_one_secret_and_nothing_else() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_or_forbidden_secret_is_an_error_and_a_failing_probe_not_an_exit_and_it_recovers() {
-    let cp = ControlPlane::start().await.unwrap();
-    cp.create_namespace(NS).await.unwrap();
-    let kubeconfig = example_service_account(&cp).await;
-    let admin: Api<Secret> = Api::namespaced(cp.admin_client().await.unwrap(), NS);
+    let (cp, kubeconfig, admin) = example_control_plane().await;
     let (missing_dir, forbidden_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // The Role allows alice-token, which does not exist yet; other-token it does not allow.
     let mut missing = start_agent(&kubeconfig, SECRET, missing_dir.path(), cp.dir());
@@ -290,10 +289,8 @@ async fn wait_file(agent: &Agent, dir: &Path, n: usize, timeout: Duration, what:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_survives_a_silent_connection_and_an_apiserver_restart_and_its_files_end_current() {
-    let mut cp = ControlPlane::start().await.unwrap();
-    cp.create_namespace(NS).await.unwrap();
-    let kubeconfig = example_service_account(&cp).await;
-    put(&Api::namespaced(cp.admin_client().await.unwrap(), NS), SECRET, 1).await;
+    let (mut cp, kubeconfig, admin) = example_control_plane().await;
+    put(&admin, SECRET, 1).await;
     // The agent reaches the apiserver through a proxy that can silence its connections.
     let upstream = cp.url().trim_start_matches("https://").parse().unwrap();
     let proxy = wgtwo_testenv::TcpProxy::start(upstream).await.unwrap();
@@ -307,7 +304,6 @@ async fn the_agent_survives_a_silent_connection_and_an_apiserver_restart_and_its
 
     // Watches end (the watch timeout) and are renewed: changes keep arriving.
     tokio::time::sleep(Duration::from_secs(7)).await;
-    let admin: Api<Secret> = Api::namespaced(cp.admin_client().await.unwrap(), NS);
     put(&admin, SECRET, 2).await;
     let took = wait_file(&agent, dir.path(), 2, Duration::from_secs(2), "after renewed watches").await;
     println!("after two watch renewals: on disk in {} ms", took.as_millis());

@@ -71,6 +71,15 @@ struct Status {
     problem: Option<String>,
 }
 
+impl Status {
+    /// Clears the problem, if any: the Secret is readable and its version on disk.
+    fn ready_again(&mut self, what: &str) {
+        if self.problem.take().is_some() {
+            info!("{what} can be read again; ready");
+        }
+    }
+}
+
 type Shared = Arc<Mutex<Status>>;
 
 /// Runs until SIGTERM/SIGINT.
@@ -180,9 +189,7 @@ fn write(config: &AgentConfig, status: &Shared, what: &str, secret: &Secret) {
         // A re-list after a 403 or an outage brings back the version already on disk: ready again.
         let mut s = status.lock().unwrap();
         if s.written.as_ref().is_some_and(|(v, _)| *v == version) {
-            if s.problem.take().is_some() {
-                info!("{what} can be read again; ready");
-            }
+            s.ready_again(what);
             return;
         }
     }
@@ -195,9 +202,7 @@ fn write(config: &AgentConfig, status: &Shared, what: &str, secret: &Secret) {
             info!(resource_version = %version, files = content.len(), version_dir = %dir, "wrote {what}");
             let mut s = status.lock().unwrap();
             s.written = Some((version, keys));
-            if s.problem.take().is_some() {
-                info!("{what} is back; ready");
-            }
+            s.ready_again(what);
         }
         // Not ready until a write succeeds; the next change (or re-list) tries again.
         Err(err) => report(status, format!("could not write {what} to {}: {err}", config.dir.display())),

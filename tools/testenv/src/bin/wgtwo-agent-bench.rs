@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
-use wgtwo_testenv::process::ChildGuard;
+use wgtwo_testenv::process::{self, ChildGuard};
 use wgtwo_testenv::{ControlPlane, string_secret};
 
 /// What the shipped example names.
@@ -61,18 +61,13 @@ fn args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-fn proc_status(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let line = text.lines().find(|l| l.starts_with(field)).unwrap_or_default();
-    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0)
+/// A `/proc/PID/status` figure in KiB (0 once the process is gone).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    process::proc_status(pid, field).unwrap_or(0)
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the command name in parentheses: utime is field 14, stime 15.
-    let fields: Vec<&str> = text.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let ticks: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
-    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    process::cpu_seconds(pid).unwrap_or(0.0)
 }
 
 /// A memory cgroup of one process's own, under this process's (cgroup v1 or v2).
@@ -220,12 +215,12 @@ async fn main() -> anyhow::Result<()> {
     wait_ready(&mut agent, probe_port).await?;
     println!("    ready (first token on disk) {:.0} ms after start", ms(started.elapsed()));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (idle_rss, cpu_before) = (proc_status(pid, "VmRSS:"), cpu_seconds(pid));
+    let (idle_rss, cpu_before) = (status_kib(pid, "VmRSS:"), cpu_seconds(pid));
     println!(
         "    idle: RSS {:.1} MiB ({:.1} MiB heap and stacks, {:.1} MiB mapped binary and libraries, shared with every process of the same file)",
         mib(idle_rss),
-        mib(proc_status(pid, "RssAnon:")),
-        mib(proc_status(pid, "RssFile:"))
+        mib(status_kib(pid, "RssAnon:")),
+        mib(status_kib(pid, "RssFile:"))
     );
     // A second agent from the same binary, as in another pod on the same node.
     let second_dir = tempfile::tempdir()?;
@@ -260,7 +255,7 @@ async fn main() -> anyhow::Result<()> {
     let took = updating.elapsed();
     stop.store(true, Ordering::Relaxed);
     reader.join().expect("the reader thread");
-    let (rss, peak, cpu) = (proc_status(pid, "VmRSS:"), proc_status(pid, "VmHWM:"), cpu_seconds(pid) - cpu_before);
+    let (rss, peak, cpu) = (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"), cpu_seconds(pid) - cpu_before);
 
     let seen = seen.lock().unwrap();
     // A version replaced before the reader's next look was never seen; the next one was.

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
-use wgtwo_testenv::process::ChildGuard;
+use wgtwo_testenv::process::{ChildGuard, cpu_seconds, proc_status};
 use wgtwo_testenv::token_server::{RotatingTokenServer, USER_TOKEN_PREFIX};
 use wgtwo_testenv::{ControlPlane, Hydra, HydraOptions, Subscriber, string_secret};
 
@@ -288,22 +288,6 @@ struct Samples {
     rss_kib: u64,
     peak_rss_kib: u64,
     cpu_seconds: f64,
-}
-
-fn proc_status(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name in parentheses: state is field 3, utime 14, stime 15.
-    let rest = text.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks as f64 / hz)
 }
 
 async fn scrape(port: u16) -> Option<String> {
