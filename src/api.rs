@@ -4,6 +4,8 @@
 //! the schema (patterns, lengths, CEL rules), so a bad object is refused at `kubectl apply` time with
 //! a message naming the field, instead of turning into a runtime condition later.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
@@ -174,6 +176,120 @@ pub struct TargetSecret {
     /// overwritten.
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub secret_name: String,
+
+    /// Shapes the target Secret for its consumers: labels and annotations to put on it, and extra
+    /// keys rendered from the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TargetTemplate>,
+}
+
+/// Labels, annotations and extra keys of the target Secret. The operator's own keys and metadata
+/// cannot be replaced, and a template sees only the token's public parts: never the refresh token
+/// or the client secret.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetTemplate {
+    /// Labels for the target Secret (for example for a tool that selects Secrets by label). The
+    /// operator's own labels (`app.kubernetes.io/managed-by`, `auth.wgtwo.com/*`) cannot be set.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "template_labels_schema")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations for the target Secret (for example `reloader.stakater.com/match: "true"`).
+    /// `auth.wgtwo.com/*` annotations are the operator's own and cannot be set.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "template_annotations_schema")]
+    pub annotations: BTreeMap<String, String>,
+    /// Extra keys of the target Secret, each a MiniJinja (Jinja2) template rendered at every
+    /// renewal, for example `authorization: "Bearer {{ access_token }}"`. Variables:
+    /// `access_token`, `token_type`, `expires_at` (RFC 3339), `expires_at_unix`, `scope` and
+    /// `phone_number` (empty when unknown or for a product token); filters such as `tojson` build
+    /// JSON files. The keys the operator writes itself (and `token.json`, the agent's file) cannot
+    /// be used.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "template_data_schema")]
+    pub data: BTreeMap<String, String>,
+}
+
+/// Keys of the target Secret that the operator writes itself, and `token.json`, the file the agent
+/// adds beside them: no template may use them.
+pub const RESERVED_TARGET_KEYS: &[&str] =
+    &["access_token", "token_type", "expires_at", "scope", "phone_number", "token.json"];
+/// Limits of a template, so a grant cannot make the target Secret (or the operator's memory) large.
+pub const TEMPLATE_MAX_ENTRIES: u64 = 32;
+pub const TEMPLATE_MAX_DATA_VALUE: u64 = 16384;
+pub const TEMPLATE_MAX_ANNOTATION_VALUE: u64 = 4096;
+/// A label or annotation key: an optional DNS subdomain prefix and a name of at most 63 characters.
+pub const QUALIFIED_NAME: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+/// A label value: at most 63 characters, alphanumeric at both ends.
+pub const LABEL_VALUE: &str = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$";
+
+/// A map's schema with CEL rules on its keys and values (schemars cannot put those on a map).
+fn template_map_schema(max_value: u64, rules: &[(&str, &str)]) -> schemars::Schema {
+    let rules: Vec<serde_json::Value> =
+        rules.iter().map(|(rule, message)| serde_json::json!({"rule": rule, "message": message})).collect();
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": TEMPLATE_MAX_ENTRIES,
+        "additionalProperties": {"type": "string", "maxLength": max_value},
+        "x-kubernetes-validations": rules,
+    })
+}
+
+fn qualified_keys_rule() -> String {
+    format!("self.all(k, k.size() <= 317 && k.matches('{}'))", QUALIFIED_NAME.replace('\\', "\\\\"))
+}
+
+fn template_labels_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let values = format!("self.all(k, self[k].matches('{}'))", LABEL_VALUE);
+    template_map_schema(
+        63,
+        &[
+            (
+                &qualified_keys_rule(),
+                "label keys must be qualified names such as example.com/team (name part at most 63 characters)",
+            ),
+            (
+                &values,
+                "label values must be at most 63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
+            ),
+            (
+                "self.all(k, !k.startsWith('auth.wgtwo.com/') && k != 'app.kubernetes.io/managed-by')",
+                "labels app.kubernetes.io/managed-by and auth.wgtwo.com/* are the operator's own",
+            ),
+        ],
+    )
+}
+
+fn template_annotations_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    template_map_schema(
+        TEMPLATE_MAX_ANNOTATION_VALUE,
+        &[
+            (
+                &qualified_keys_rule(),
+                "annotation keys must be qualified names such as example.com/owner (name part at most 63 characters)",
+            ),
+            ("self.all(k, !k.startsWith('auth.wgtwo.com/'))", "annotations auth.wgtwo.com/* are the operator's own"),
+        ],
+    )
+}
+
+fn template_data_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let reserved: Vec<String> = RESERVED_TARGET_KEYS.iter().map(|k| format!("'{k}'")).collect();
+    let reserved_rule = format!("self.all(k, !(k in [{}]))", reserved.join(", "));
+    let reserved_message = format!(
+        "data keys {} are written by the operator (or the agent) and cannot be templated",
+        RESERVED_TARGET_KEYS.join(", ")
+    );
+    template_map_schema(
+        TEMPLATE_MAX_DATA_VALUE,
+        &[
+            (
+                "self.all(k, k.size() <= 253 && k.matches('^[-._a-zA-Z0-9]+$'))",
+                "data keys must be Secret keys: letters, digits, '-', '_' and '.', at most 253 characters",
+            ),
+            (&reserved_rule, &reserved_message),
+        ],
+    )
 }
 
 /// The observed state of a WgtwoGrant.

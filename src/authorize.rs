@@ -197,7 +197,7 @@ fn grant_object(opts: &AuthorizeOptions) -> WgtwoGrant {
                 key: DEFAULT_REFRESH_TOKEN_KEY.to_owned(),
             }),
             client_credentials: None,
-            target: TargetSecret { secret_name: opts.target_secret() },
+            target: TargetSecret { secret_name: opts.target_secret(), template: None },
             scope: None,
             refresh_before: None,
         },

@@ -37,7 +37,7 @@ async fn create_product_grant(env: &Env, ns: &str, name: &str, client_secret: &s
         client_secret_ref: ClientSecretRef { name: client_secret.into() },
         refresh_token_secret_ref: None,
         client_credentials: Some(ClientCredentials {}),
-        target: TargetSecret { secret_name: format!("{name}-token") },
+        target: TargetSecret { secret_name: format!("{name}-token"), template: None },
         scope: scope.map(Into::into),
         refresh_before: None,
     };

@@ -106,7 +106,7 @@ mod tests {
                     key: "refresh_token".into(),
                 }),
                 client_credentials: None,
-                target: TargetSecret { secret_name: format!("{name}-token") },
+                target: TargetSecret { secret_name: format!("{name}-token"), template: None },
                 scope: None,
                 refresh_before: None,
             },

@@ -19,6 +19,7 @@ pub mod schedule;
 pub mod secret_cache;
 pub mod status;
 pub mod target;
+pub mod template;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -342,6 +343,8 @@ struct Run<'a> {
     ns: String,
     secrets: Api<Secret>,
     grants: Api<WgtwoGrant>,
+    /// The target Secret's template, checked before anything is requested.
+    template: Result<Option<template::Template<'a>>, template::TemplateError>,
 }
 
 /// One span per reconcile: every log line names the grant and its namespace.
@@ -367,6 +370,7 @@ async fn reconcile(grant: Arc<WgtwoGrant>, ctx: Arc<Context>) -> Result<Action, 
         secrets: Api::namespaced(ctx.client.clone(), &ns),
         grants: Api::namespaced(ctx.client.clone(), &ns),
         ns,
+        template: template::compile(grant.spec.target.template.as_ref()),
     };
     let result = run.reconcile().await;
     // Deleted while this reconcile ran: the watch has forgotten it already, and what this
@@ -459,7 +463,7 @@ impl Run<'_> {
         // Adopting the first token of a grant is covered by "no token"; a new lineage over a
         // published token is a re-authorization.
         match self.decide(now, published, chosen.adopted && state_secret.is_some()) {
-            Decision::WaitUntil(at) => self.keep_until(now, published, at).await,
+            Decision::WaitUntil(at) => self.keep_until(now, published, target_secret.as_ref(), at).await,
             Decision::BackingOff(at) => {
                 debug!(next_attempt = %at, "backing off after failed attempts");
                 Ok(Action::requeue(until(now, at)))
@@ -491,11 +495,23 @@ impl Run<'_> {
         &self,
         now: Timestamp,
         published: Option<schedule::TokenTimes>,
+        target: Option<&Secret>,
         at: Timestamp,
     ) -> Result<Action, Error> {
         let token = published.expect("waiting implies a published token");
         debug!(next = %at, "access token valid; next refresh scheduled");
-        self.set_ready(true, reason::REFRESHED, self.valid_message(token.expires_at), |s| {
+        let problem = match &self.template {
+            // Left as it is: its keys still hold the current token.
+            Err(problem) => Some(problem.clone()),
+            Ok(template) => {
+                let want = template.as_ref().map(|t| t.hash());
+                match target.and_then(target::template_hash) == want {
+                    true => None,
+                    false => self.render_target_again().await?,
+                }
+            }
+        };
+        self.set_published(token.expires_at, problem, |s| {
             s.expires_at = Some(Time(token.expires_at));
             s.last_refresh_time = Some(Time(token.issued_at));
             // Whole seconds, as stored: an unrounded time would differ from the stored one and be
@@ -514,7 +530,7 @@ impl Run<'_> {
         let now = Timestamp::now();
         let published = target_secret.as_ref().and_then(target::published_token);
         match self.decide(now, published, false) {
-            Decision::WaitUntil(at) => self.keep_until(now, published, at).await,
+            Decision::WaitUntil(at) => self.keep_until(now, published, target_secret.as_ref(), at).await,
             Decision::BackingOff(at) => {
                 debug!(next_attempt = %at, "backing off after failed attempts");
                 Ok(Action::requeue(until(now, at)))
@@ -723,6 +739,7 @@ impl Run<'_> {
                 state.as_ref(),
                 lineage::encode(&lineage_state(phone.clone())),
                 BTreeMap::new(),
+                BTreeMap::new(),
             );
             match tokio::time::timeout(PERSIST_BUDGET, write).await {
                 Ok(Ok(written)) => {
@@ -747,7 +764,9 @@ impl Run<'_> {
                 Ok(info) => {
                     phone = Some(info.phone_number);
                     let data = lineage::encode(&lineage_state(phone.clone()));
-                    if let Err(err) = self.write_secret(&self.state_name(), state.as_ref(), data, BTreeMap::new()).await
+                    if let Err(err) = self
+                        .write_secret(&self.state_name(), state.as_ref(), data, BTreeMap::new(), BTreeMap::new())
+                        .await
                     {
                         warn!(error = %kube_message(&err), "could not remember the phone number; userinfo is asked again next time");
                     }
@@ -775,12 +794,12 @@ impl Run<'_> {
         source: &str,
     ) -> Result<Timestamp, Error> {
         let data = target::data(tokens, times.expires_at, phone);
-        let annotations = BTreeMap::from([(target::ANNOTATION_REFRESHED_AT.to_owned(), times.issued_at.to_string())]);
-        self.write_secret(&self.grant.spec.target.secret_name, target, data, annotations).await?;
+        let (shaped, problem) = target::shape(data, times.issued_at, self.template.as_ref().map(Option::as_ref));
+        self.write_target(target, shaped).await?;
         let next = schedule::refresh_at(times, self.refresh_before(), self.jitter_seed());
         let subject = tokens.id_token.as_ref().map(|id| id.subject.clone());
         let handled = self.grant.annotations().get(ANNOTATION_REFRESH_REQUESTED).cloned();
-        self.set_ready(true, reason::REFRESHED, self.valid_message(times.expires_at), |s| {
+        self.set_published(times.expires_at, problem, |s| {
             s.expires_at = Some(Time(times.expires_at));
             s.last_refresh_time = Some(Time(times.issued_at));
             s.next_refresh_time = Some(Time(ceil_seconds(next)));
@@ -828,7 +847,7 @@ impl Run<'_> {
                     failed: Some(fingerprint),
                     phone: None,
                 });
-                self.write_secret(&self.state_name(), state, data, BTreeMap::new()).await?;
+                self.write_secret(&self.state_name(), state, data, BTreeMap::new(), BTreeMap::new()).await?;
             }
             let message = format!("{}. {}.{still_valid}", sentence(&err), advice.trim_end_matches('.'));
             warn!(reason = why, error = %err, "refresh refused; waiting for a fix");
@@ -927,6 +946,53 @@ impl Run<'_> {
         }
     }
 
+    /// The status of a grant whose target holds a valid token: Ready, unless its template cannot be
+    /// applied (the token is renewed all the same: a template mistake must not cut workloads off).
+    async fn set_published(
+        &self,
+        expires_at: Timestamp,
+        problem: Option<template::TemplateError>,
+        edit: impl Fn(&mut WgtwoGrantStatus),
+    ) -> Result<(), Error> {
+        let Some(problem) = problem else {
+            return self.set_ready(true, reason::REFRESHED, self.valid_message(expires_at), edit).await;
+        };
+        let message = format!(
+            "{problem}. The template's keys, labels and annotations are not applied until it is fixed; the access token is still renewed: Secret {} holds one valid until {expires_at} under access_token",
+            self.grant.spec.target.secret_name
+        );
+        let why = reason::TEMPLATE_INVALID;
+        self.ctx.shared.metrics.reconcile_error(why);
+        let changed = status::previous_ready(self.current_status().as_ref())
+            .is_none_or(|c| c.reason != why || c.message != message);
+        if changed {
+            warn!(problem = %problem, "the target Secret's template cannot be applied");
+            self.event(EventType::Warning, why, message.clone()).await;
+        }
+        self.set_ready(false, why, message, edit).await
+    }
+
+    /// Applies a changed template to the published token without a token request: one GET of the
+    /// target Secret (the cache keeps no token), rendered from the operator's own keys.
+    async fn render_target_again(&self) -> Result<Option<template::TemplateError>, Error> {
+        let Some(stored) = self.secrets.get_opt(&self.grant.spec.target.secret_name).await? else {
+            return Ok(None);
+        };
+        let Some(token) = target::published_token(&stored) else {
+            return Ok(None);
+        };
+        let (shaped, problem) =
+            target::shape(target::own_keys(&stored), token.issued_at, self.template.as_ref().map(Option::as_ref));
+        debug!("applying the changed template to the target Secret");
+        self.write_target(Some(&stored), shaped).await?;
+        Ok(problem)
+    }
+
+    async fn write_target(&self, existing: Option<&Secret>, shaped: target::Shaped) -> Result<Secret, kube::Error> {
+        let target::Shaped { data, labels, annotations } = shaped;
+        self.write_secret(&self.grant.spec.target.secret_name, existing, data, annotations, labels).await
+    }
+
     async fn input_problem(&self, why: &'static str, message: String) -> Result<Action, Error> {
         self.ctx.shared.metrics.reconcile_error(why);
         let changed =
@@ -995,8 +1061,9 @@ impl Run<'_> {
         existing: Option<&Secret>,
         data: BTreeMap<String, k8s_openapi::ByteString>,
         annotations: BTreeMap<String, String>,
+        mut labels: BTreeMap<String, String>,
     ) -> Result<Secret, kube::Error> {
-        let labels = BTreeMap::from([
+        labels.extend([
             (LABEL_MANAGED_BY.to_owned(), MANAGER.to_owned()),
             (LABEL_GRANT.to_owned(), self.grant.name_any()),
         ]);

@@ -50,7 +50,7 @@ const OWNED_KEYS: &[&str] = &[
     target::KEY_ACCESS_TOKEN,
     target::KEY_EXPIRES_AT,
 ];
-const OWNED_ANNOTATIONS: &[&str] = &[target::ANNOTATION_REFRESHED_AT];
+const OWNED_ANNOTATIONS: &[&str] = &[target::ANNOTATION_REFRESHED_AT, super::template::ANNOTATION_TEMPLATE_HASH];
 /// Keys whose value the controller never reads back, only whether it is set: kept as one byte.
 const PRESENCE_ONLY: &[&str] = &[target::KEY_ACCESS_TOKEN];
 

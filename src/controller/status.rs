@@ -25,6 +25,8 @@ pub mod reason {
     pub const TARGET_CONFLICT: &str = "TargetConflict";
     pub const STATE_CONFLICT: &str = "StateConflict";
     pub const ISSUER_NOT_ALLOWED: &str = "IssuerNotAllowed";
+    /// `spec.target.template` cannot be applied (the token is still renewed and published).
+    pub const TEMPLATE_INVALID: &str = "TemplateInvalid";
     pub const PERSIST_FAILED: &str = "PersistFailed";
     /// A refresh answer's ID token failed verification (Events only: the tokens were kept).
     pub const ID_TOKEN_NOT_VERIFIED: &str = "IdTokenNotVerified";

@@ -7,6 +7,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 
 use super::schedule::TokenTimes;
+use super::template::{ANNOTATION_TEMPLATE_HASH, Template, TemplateError, Values};
 use crate::oauth::TokenSet;
 
 pub const KEY_ACCESS_TOKEN: &str = "access_token";
@@ -33,6 +34,75 @@ pub fn data(tokens: &TokenSet, expires_at: Timestamp, previous_phone: Option<Str
         data.insert(KEY_PHONE_NUMBER.to_owned(), bytes(&phone));
     }
     data
+}
+
+/// The target Secret as written: data, labels and annotations beyond the operator's own labels.
+#[derive(Debug, Default, PartialEq)]
+pub struct Shaped {
+    pub data: BTreeMap<String, ByteString>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The target Secret for the operator's own keys `data` (what [`data`] builds) issued at
+/// `issued_at`, with what the grant's template adds. The template is rendered from those keys
+/// alone; when it cannot be used, the Secret gets the operator's keys only (never stale rendered
+/// keys holding an older token) and the problem is returned.
+pub fn shape(
+    data: BTreeMap<String, ByteString>,
+    issued_at: Timestamp,
+    template: Result<Option<&Template>, &TemplateError>,
+) -> (Shaped, Option<TemplateError>) {
+    let mut shaped = Shaped {
+        annotations: BTreeMap::from([(ANNOTATION_REFRESHED_AT.to_owned(), issued_at.to_string())]),
+        ..Default::default()
+    };
+    let problem = match template {
+        Ok(None) => None,
+        Err(problem) => Some(problem.clone()),
+        Ok(Some(template)) => {
+            let text = |key: &str| data.get(key).and_then(|v| std::str::from_utf8(&v.0).ok()).unwrap_or("");
+            let values = Values {
+                access_token: text(KEY_ACCESS_TOKEN),
+                token_type: text(KEY_TOKEN_TYPE),
+                expires_at: text(KEY_EXPIRES_AT).parse().unwrap_or(issued_at),
+                scope: text(KEY_SCOPE),
+                phone_number: text(KEY_PHONE_NUMBER),
+            };
+            match template.render(&values) {
+                Ok(rendered) => {
+                    shaped.data = rendered;
+                    shaped.labels = template.labels().clone();
+                    // The operator's own annotations win (a template cannot name them anyway).
+                    shaped.annotations.extend(template.annotations().clone());
+                    shaped.annotations.insert(ANNOTATION_TEMPLATE_HASH.to_owned(), template.hash().to_owned());
+                    shaped.annotations.insert(ANNOTATION_REFRESHED_AT.to_owned(), issued_at.to_string());
+                    None
+                }
+                Err(problem) => Some(problem),
+            }
+        }
+    };
+    // The operator's keys last: nothing rendered can replace them.
+    shaped.data.extend(data);
+    (shaped, problem)
+}
+
+/// The operator's own keys of a stored target Secret (what a re-render starts from).
+pub fn own_keys(secret: &Secret) -> BTreeMap<String, ByteString> {
+    let own = [KEY_ACCESS_TOKEN, KEY_TOKEN_TYPE, KEY_EXPIRES_AT, KEY_SCOPE, KEY_PHONE_NUMBER];
+    secret
+        .data
+        .iter()
+        .flatten()
+        .filter(|(k, _)| own.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The template hash a stored target Secret was rendered with (none: rendered without a template).
+pub fn template_hash(secret: &Secret) -> Option<&str> {
+    secret.metadata.annotations.as_ref()?.get(ANNOTATION_TEMPLATE_HASH).map(String::as_str)
 }
 
 /// Whether the identity service said which scope it granted, and `phone` is not in it (then the
@@ -95,6 +165,55 @@ mod tests {
         assert_eq!(d["token_type"].0, b"Bearer");
         assert_eq!(d["expires_at"].0, b"2023-11-14T23:13:20Z");
         assert!(d.values().all(|v| v.0 != b"rt"));
+    }
+
+    fn template_spec(data: &[(&str, &str)]) -> crate::api::TargetTemplate {
+        crate::api::TargetTemplate {
+            labels: BTreeMap::from([("team".to_owned(), "a".to_owned())]),
+            annotations: BTreeMap::from([("reloader.stakater.com/match".to_owned(), "true".to_owned())]),
+            data: data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn a_template_adds_keys_labels_and_annotations_rendered_from_the_operators_keys() {
+        let at = Timestamp::from_second(1_700_003_600).unwrap();
+        let issued = Timestamp::from_second(1_700_000_000).unwrap();
+        let spec = template_spec(&[("authorization", "Bearer {{ access_token }}"), ("who", "{{ phone_number }}")]);
+        let template = super::super::template::compile(Some(&spec)).unwrap().unwrap();
+        let (shaped, problem) = shape(data(&tokens(Some("+4799999999")), at, None), issued, Ok(Some(&template)));
+        assert_eq!(problem, None);
+        assert_eq!(shaped.data["authorization"].0, b"Bearer at");
+        assert_eq!(shaped.data["who"].0, b"+4799999999");
+        assert_eq!(shaped.data["access_token"].0, b"at");
+        assert!(shaped.data.values().all(|v| v.0 != b"rt"), "never the refresh token");
+        assert_eq!(shaped.labels["team"], "a");
+        assert_eq!(shaped.annotations["reloader.stakater.com/match"], "true");
+        assert_eq!(shaped.annotations[ANNOTATION_TEMPLATE_HASH], template.hash());
+        assert_eq!(shaped.annotations[ANNOTATION_REFRESHED_AT], "2023-11-14T22:13:20Z");
+        // Bookkeeping reads the operator's keys only: a re-render starts from them alone.
+        let secret = Secret {
+            metadata: ObjectMeta { annotations: Some(shaped.annotations.clone()), ..Default::default() },
+            data: Some(shaped.data.clone()),
+            ..Default::default()
+        };
+        let own: Vec<String> = own_keys(&secret).into_keys().collect();
+        assert_eq!(own, ["access_token", "expires_at", "phone_number", "scope", "token_type"]);
+        assert_eq!(published_token(&secret).unwrap().expires_at, at);
+        assert_eq!(template_hash(&secret), Some(template.hash()));
+    }
+
+    #[test]
+    fn a_template_that_fails_leaves_the_operators_keys_only_and_says_why() {
+        let at = Timestamp::from_second(1_700_003_600).unwrap();
+        let issued = Timestamp::from_second(1_700_000_000).unwrap();
+        let problem = TemplateError("spec.target.template.data[x]: syntax error".into());
+        let (shaped, got) = shape(data(&tokens(None), at, None), issued, Err(&problem));
+        assert_eq!(got, Some(problem));
+        let keys: Vec<&str> = shaped.data.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["access_token", "expires_at", "scope", "token_type"]);
+        assert!(shaped.labels.is_empty());
+        assert_eq!(shaped.annotations.keys().collect::<Vec<_>>(), [ANNOTATION_REFRESHED_AT]);
     }
 
     #[test]

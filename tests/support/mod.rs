@@ -169,7 +169,7 @@ impl Env {
                 key: "refresh_token".into(),
             }),
             client_credentials: None,
-            target: TargetSecret { secret_name: format!("{name}-token") },
+            target: TargetSecret { secret_name: format!("{name}-token"), template: None },
             scope: None,
             refresh_before: None,
         };
