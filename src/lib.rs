@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod api;
 pub mod authorize;
+pub mod commands;
 pub mod controller;
 pub mod kubeapi;
 pub mod leader;

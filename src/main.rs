@@ -4,6 +4,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use url::Url;
 use wgtwo_operator::authorize::{AuthorizeOptions, authorize};
+use wgtwo_operator::commands;
+use wgtwo_operator::commands::status::Scope;
 use wgtwo_operator::controller::issuers::AllowedIssuer;
 use wgtwo_operator::oauth::Prompt;
 use wgtwo_operator::operator::{Election, RunConfig};
@@ -36,6 +38,62 @@ enum Command {
     /// Sidecar: keep one Secret (a grant's target) as files in a volume shared with the
     /// application, updated within a second of every change (kubelet takes a minute or more).
     Agent(Box<AgentArgs>),
+    /// One line per grant: type, Ready, reason, expiry and next refresh (with NAME: also its
+    /// Ready message).
+    Status(StatusArgs),
+    /// Refresh a grant's token now, wait until the operator has, and print the new expiry or why
+    /// it failed.
+    Refresh(RefreshArgs),
+    /// Offboard a subscriber: revoke the grant's authorization at the identity service (RFC 7009),
+    /// then delete the grant and its Secrets. Nothing is deleted if the revocation fails.
+    Revoke(Box<RevokeArgs>),
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// One grant (default: every grant of the namespace).
+    name: Option<String>,
+    /// Namespace [default: the kubeconfig's].
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Every namespace.
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    all_namespaces: bool,
+}
+
+#[derive(Args)]
+struct RefreshArgs {
+    /// The grant.
+    name: String,
+    /// Namespace [default: the kubeconfig's].
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// How long to wait for the operator.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Args)]
+struct RevokeArgs {
+    /// The grant.
+    name: String,
+    /// Namespace [default: the kubeconfig's].
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Delete the grant even when the revocation fails (the authorization then stays valid at the
+    /// identity service until its refresh token expires).
+    #[arg(long)]
+    force: bool,
+    /// An identity service the grant's refresh token and client secret may be sent to (repeat for
+    /// several), as the operator's flag: a grant naming any other issuer is refused.
+    #[arg(long = "allowed-issuer", default_value = wgtwo_operator::api::DEFAULT_ISSUER_URL, value_parser = AllowedIssuer::parse)]
+    allowed_issuers: Vec<AllowedIssuer>,
+    /// Extra CA certificates (PEM) to trust for the identity service.
+    #[arg(long)]
+    ca_bundle: Option<PathBuf>,
+    /// Timeout of each request to the identity service.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Args)]
@@ -256,6 +314,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = wgtwo_operator::agent::client(kube_config, config.watch_timeout)?;
             wgtwo_operator::agent::run(client, config).await?;
         }
+        Command::Status(a) => {
+            let (client, default_ns) = kube_client().await?;
+            let scope = match (a.all_namespaces, a.namespace) {
+                (true, _) => Scope::AllNamespaces,
+                (false, ns) => Scope::Namespace(ns.unwrap_or(default_ns)),
+            };
+            commands::status::run(client, scope, a.name.as_deref(), &mut std::io::stdout()).await?;
+        }
+        Command::Refresh(a) => {
+            let (client, default_ns) = kube_client().await?;
+            let ns = a.namespace.unwrap_or(default_ns);
+            commands::refresh::run(client, &ns, &a.name, a.timeout, &mut std::io::stdout()).await?;
+        }
+        Command::Revoke(a) => {
+            let a = *a;
+            let (client, default_ns) = kube_client().await?;
+            let opts = commands::revoke::Options {
+                namespace: a.namespace.unwrap_or(default_ns),
+                name: a.name,
+                force: a.force,
+                allowed_issuers: a.allowed_issuers,
+                ca_bundle: a.ca_bundle,
+                timeout: a.timeout,
+            };
+            commands::revoke::run(client, opts, &mut std::io::stdout()).await?;
+        }
         Command::Authorize(a) => {
             let a = *a;
             let kube = kube::Client::try_default().await?;
@@ -278,6 +362,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A client with the caller's own credentials, and the kubeconfig's namespace (as kubectl uses).
+async fn kube_client() -> anyhow::Result<(kube::Client, String)> {
+    let config = kube::Config::infer().await?;
+    let namespace = config.default_namespace.clone();
+    Ok((kube::Client::try_from(config)?, namespace))
 }
 
 #[cfg(test)]
