@@ -5,6 +5,6 @@
 #   tools/bench-agent.sh --updates 1000
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tools/testenv/build.sh >/dev/null
+tools/testenv/build.sh kube >/dev/null
 cargo build --quiet --locked --release --bin wgtwo-operator --bin wgtwo-agent-bench --workspace
 exec target/release/wgtwo-agent-bench --operator target/release/wgtwo-operator "$@"

@@ -5,6 +5,6 @@
 #   tools/bench.sh --grants 1000 --soak 600 --token-lifetime 90
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tools/testenv/build.sh >/dev/null
+tools/testenv/build.sh kube hydra >/dev/null
 cargo build --quiet --locked --release --bin wgtwo-operator --bin wgtwo-bench --workspace
 exec target/release/wgtwo-bench --operator target/release/wgtwo-operator "$@"

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "==> building or reusing the local servers (first run: several minutes)"
-tools/testenv/build.sh >/dev/null
+tools/testenv/build.sh kube hydra >/dev/null
 echo "==> building wgtwo-operator"
 cargo build --quiet --locked --bin wgtwo-operator --bin wgtwo-demo --workspace
 exec target/debug/wgtwo-demo --operator target/debug/wgtwo-operator "$@"

@@ -38,7 +38,9 @@ pub fn relative(at: Timestamp, now: Timestamp) -> String {
         let s = d.as_secs().unsigned_abs();
         match s {
             0..60 => format!("{s}s"),
-            60..3600 => format!("{}m{}", s / 60, if s.is_multiple_of(60) { String::new() } else { format!("{}s", s % 60) }),
+            60..3600 => {
+                format!("{}m{}", s / 60, if s.is_multiple_of(60) { String::new() } else { format!("{}s", s % 60) })
+            }
             _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
         }
     };

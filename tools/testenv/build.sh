@@ -4,10 +4,12 @@
 # content (so a version bump rebuilds and an unchanged wrapper never does).
 #
 #   tools/testenv/build.sh            build what is missing, print one "name=/path/to/binary" per line
-#   tools/testenv/build.sh kube       only the Kubernetes side (kube-apiserver, kube-controller-manager, etcd, kubectl)
-#   tools/testenv/build.sh hydra      only Hydra
-#   tools/testenv/build.sh promtool   only promtool (checks /metrics scrapes and alert rules)
-#   tools/testenv/build.sh helm       only helm (lints and renders deploy/chart)
+#   tools/testenv/build.sh kube hydra only these (any of the names below, in any order):
+#     kube       kube-apiserver, etcd, kubectl
+#     kcm        kube-controller-manager (owner-reference garbage collection, for the tests that need it)
+#     hydra      Ory Hydra
+#     promtool   checks /metrics scrapes, alert rules and the dashboard's queries (tests only)
+#     helm       lints and renders deploy/chart (tests only)
 #
 # Cache root: $WGTWO_TESTENV_CACHE, default ~/.cache/wgtwo-operator/testenv.
 set -euo pipefail
@@ -21,14 +23,15 @@ export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
 # version MODULE DIR: the version of MODULE that the wrapper in DIR requires.
 version() { (cd "$here/$2" && go list -m -f '{{.Version}}' "$1"); }
 
-# key NAME: a short hash of every file of NAME's wrapper module and of its build function (its
-# flags), so changing one binary's build leaves the others cached.
-key() { { (cd "$here/$1" && find . -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) -print0 | sort -z | xargs -0 sha256sum); declare -f "build_$1"; } | sha256sum | cut -c1-12; }
+# key NAME [DIR]: a short hash of every file of the wrapper module in DIR (default NAME) and of
+# NAME's build function (its flags), so changing one binary's build leaves the others cached.
+key() { { (cd "$here/${2:-$1}" && find . -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) -print0 | sort -z | xargs -0 sha256sum); declare -f "build_$1"; if [[ $1 == kube || $1 == kcm ]]; then declare -f kube_flags; fi; } | sha256sum | cut -c1-12; }
 
-# ensure NAME VERSION BUILD_FN: run BUILD_FN into a temp dir once, then move it into place atomically.
+# ensure NAME VERSION BUILD_FN [DIR]: run BUILD_FN in the wrapper module DIR (default NAME) into a
+# temp dir once, then move it into place atomically.
 ensure() {
-  local name=$1 version=$2 fn=$3 dir
-  dir="$cache/$name-$version-$(key "$name")"
+  local name=$1 version=$2 fn=$3 module=${4:-$1} dir
+  dir="$cache/$name-$version-$(key "$name" "$module")"
   if [[ ! -f "$dir/.complete" ]]; then
     exec 9>"$cache/$name.lock"
     flock 9
@@ -37,7 +40,7 @@ ensure() {
       tmp=$(mktemp -d "$cache/.$name.XXXXXX")
       start=$(date +%s)
       echo "testenv: building $name $version into $dir (cold build, takes minutes)" >&2
-      (cd "$here/$name" && "$fn" "$tmp")
+      (cd "$here/$module" && "$fn" "$tmp")
       echo "testenv: built $name in $(( $(date +%s) - start ))s" >&2
       touch "$tmp/.complete"
       rm -rf "$dir"
@@ -51,7 +54,16 @@ ensure() {
 }
 
 build_kube() {
-  # Stamp the real version, as Kubernetes' own build does, so clients' version checks see v1.37.x.
+  local flags
+  flags=$(kube_flags)
+  go build -ldflags="$flags" -o "$1/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+  go build -ldflags="$flags" -o "$1/kubectl" k8s.io/kubernetes/cmd/kubectl
+  go build -ldflags='-s -w' -o "$1/etcd" ./cmd/etcd
+}
+
+# kube_flags: the -ldflags of Kubernetes' binaries, stamping the real version as its own build does
+# (so clients' version checks see v1.37.x).
+kube_flags() {
   local v minor flags
   v=$(version k8s.io/kubernetes kube)
   minor=$(echo "$v" | cut -d. -f2)
@@ -59,11 +71,11 @@ build_kube() {
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     flags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
   done
-  go build -ldflags="$flags" -o "$1/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
-  go build -ldflags="$flags" -o "$1/kubectl" k8s.io/kubernetes/cmd/kubectl
-  # For owner-reference garbage collection in the tests that need it.
-  go build -ldflags="$flags" -o "$1/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager
-  go build -ldflags='-s -w' -o "$1/etcd" ./cmd/etcd
+  echo "$flags"
+}
+
+build_kcm() {
+  go build -ldflags="$(kube_flags)" -o "$1/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager
 }
 
 build_hydra() {
@@ -88,16 +100,15 @@ build_helm() {
   go build -ldflags="$flags" -o "$1/helm" helm.sh/helm/v3/cmd/helm
 }
 
-case "${1:-all}" in
-  kube) ensure kube "$(version k8s.io/kubernetes kube)" build_kube ;;
-  hydra) ensure hydra "$(version github.com/ory/hydra/v2 hydra)" build_hydra ;;
-  promtool) ensure promtool "$(version github.com/prometheus/prometheus promtool)" build_promtool ;;
-  helm) ensure helm "$(version helm.sh/helm/v3 helm)" build_helm ;;
-  all)
-    ensure kube "$(version k8s.io/kubernetes kube)" build_kube
-    ensure hydra "$(version github.com/ory/hydra/v2 hydra)" build_hydra
-    ensure promtool "$(version github.com/prometheus/prometheus promtool)" build_promtool
-    ensure helm "$(version helm.sh/helm/v3 helm)" build_helm
-    ;;
-  *) echo "usage: $0 [all|kube|hydra|promtool|helm]" >&2; exit 2 ;;
-esac
+[[ $# -gt 0 ]] || set -- all
+for what in "$@"; do
+  case "$what" in
+    kube) ensure kube "$(version k8s.io/kubernetes kube)" build_kube ;;
+    kcm) ensure kcm "$(version k8s.io/kubernetes kube)" build_kcm kube ;;
+    hydra) ensure hydra "$(version github.com/ory/hydra/v2 hydra)" build_hydra ;;
+    promtool) ensure promtool "$(version github.com/prometheus/prometheus promtool)" build_promtool ;;
+    helm) ensure helm "$(version helm.sh/helm/v3 helm)" build_helm ;;
+    all) "$0" kube kcm hydra promtool helm ;;
+    *) echo "usage: $0 [all | kube kcm hydra promtool helm ...]" >&2; exit 2 ;;
+  esac
+done

@@ -3,19 +3,36 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
-/// Paths of `kube-apiserver`, `etcd`, `kubectl` and `hydra`. Panics with the build output when they
-/// cannot be built: a test must fail, never skip, when its real peer is missing.
+/// The path of a Go-built peer (`kube-apiserver`, `etcd`, `kubectl`, `kube-controller-manager`,
+/// `hydra`, `promtool`, `helm`), building only its part on first use. Panics with the build output
+/// when it cannot be built: a test must fail, never skip, when its real peer is missing.
 pub fn path(name: &str) -> PathBuf {
-    static PATHS: OnceLock<Result<HashMap<String, PathBuf>, String>> = OnceLock::new();
-    let paths = PATHS.get_or_init(build).as_ref().unwrap_or_else(|e| panic!("testenv binaries unavailable: {e}"));
-    paths.get(name).cloned().unwrap_or_else(|| panic!("build.sh did not produce {name}"))
+    static PARTS: OnceLock<Mutex<HashMap<&'static str, Result<HashMap<String, PathBuf>, String>>>> = OnceLock::new();
+    let part = part_of(name);
+    let mut parts = PARTS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let paths = parts.entry(part).or_insert_with(|| build(part));
+    let paths = paths.as_ref().unwrap_or_else(|e| panic!("testenv binaries unavailable: {e}"));
+    paths.get(name).cloned().unwrap_or_else(|| panic!("build.sh {part} did not produce {name}"))
 }
 
-fn build() -> Result<HashMap<String, PathBuf>, String> {
+/// The part of `tools/testenv/build.sh` that builds `name`.
+fn part_of(name: &str) -> &'static str {
+    match name {
+        "kube-apiserver" | "etcd" | "kubectl" => "kube",
+        "kube-controller-manager" => "kcm",
+        "hydra" => "hydra",
+        "promtool" => "promtool",
+        "helm" => "helm",
+        other => panic!("no testenv binary {other}"),
+    }
+}
+
+fn build(part: &str) -> Result<HashMap<String, PathBuf>, String> {
     let script = crate::repo_root().join("tools/testenv/build.sh");
-    let out = Command::new("bash").arg(&script).output().map_err(|e| format!("run {}: {e}", script.display()))?;
+    let out =
+        Command::new("bash").arg(&script).arg(part).output().map_err(|e| format!("run {}: {e}", script.display()))?;
     if !out.status.success() {
         return Err(format!(
             "{} failed ({}):\n{}{}",

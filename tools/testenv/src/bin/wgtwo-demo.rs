@@ -185,6 +185,14 @@ async fn main() -> anyhow::Result<()> {
 
     step("kubectl get wgtwogrants -n demo");
     print!("{}", indent(&cp.kubectl(&["get", "wgtwogrants", "-n", NS])?));
+    step("wgtwo-operator status -n demo   (also as kubectl wgtwo status)");
+    let status = Command::new(&args.operator)
+        .args(["status", "-n", NS])
+        .env("KUBECONFIG", cp.admin_kubeconfig())
+        .output()
+        .context("wgtwo-operator status")?;
+    anyhow::ensure!(status.status.success(), "status: {}", String::from_utf8_lossy(&status.stderr));
+    print!("{}", indent(&String::from_utf8_lossy(&status.stdout)));
     step("kubectl get secrets -n demo");
     print!("{}", indent(&cp.kubectl(&["get", "secrets", "-n", NS])?));
     step(&format!("curl -s 127.0.0.1:{port}/metrics | grep -v '^#'   (histogram buckets left out)"));
