@@ -9,13 +9,16 @@ use std::sync::{Mutex, OnceLock};
 /// `hydra`, `promtool`, `helm`), building only its part on first use. Panics with the build output
 /// when it cannot be built: a test must fail, never skip, when its real peer is missing.
 pub fn path(name: &str) -> PathBuf {
-    static PARTS: OnceLock<Mutex<HashMap<&'static str, Result<HashMap<String, PathBuf>, String>>>> = OnceLock::new();
+    static PARTS: OnceLock<Mutex<HashMap<&'static str, Built>>> = OnceLock::new();
     let part = part_of(name);
     let mut parts = PARTS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
     let paths = parts.entry(part).or_insert_with(|| build(part));
     let paths = paths.as_ref().unwrap_or_else(|e| panic!("testenv binaries unavailable: {e}"));
     paths.get(name).cloned().unwrap_or_else(|| panic!("build.sh {part} did not produce {name}"))
 }
+
+/// What one part of build.sh produced: binary name -> path, or the build's output.
+type Built = Result<HashMap<String, PathBuf>, String>;
 
 /// The part of `tools/testenv/build.sh` that builds `name`.
 fn part_of(name: &str) -> &'static str {
@@ -29,7 +32,7 @@ fn part_of(name: &str) -> &'static str {
     }
 }
 
-fn build(part: &str) -> Result<HashMap<String, PathBuf>, String> {
+fn build(part: &str) -> Built {
     let script = crate::repo_root().join("tools/testenv/build.sh");
     let out =
         Command::new("bash").arg(&script).arg(part).output().map_err(|e| format!("run {}: {e}", script.display()))?;
