@@ -983,8 +983,12 @@ impl Run<'_> {
         };
         let (shaped, problem) =
             target::shape(target::own_keys(&stored), token.issued_at, self.template.as_ref().map(Option::as_ref));
-        debug!("applying the changed template to the target Secret");
-        self.write_target(Some(&stored), shaped).await?;
+        // A template that fails with the real values leaves the Secret as it is (what it holds is
+        // for the current token): rewriting it would only repeat at every reconcile.
+        if problem.is_none() {
+            debug!("applying the changed template to the target Secret");
+            self.write_target(Some(&stored), shaped).await?;
+        }
         Ok(problem)
     }
 
