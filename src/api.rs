@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::controller::target;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
@@ -212,8 +214,14 @@ pub struct TargetTemplate {
 
 /// Keys of the target Secret that the operator writes itself, and `token.json`, the file the agent
 /// adds beside them: no template may use them.
-pub const RESERVED_TARGET_KEYS: &[&str] =
-    &["access_token", "token_type", "expires_at", "scope", "phone_number", "token.json"];
+pub const RESERVED_TARGET_KEYS: &[&str] = &[
+    target::KEY_ACCESS_TOKEN,
+    target::KEY_TOKEN_TYPE,
+    target::KEY_EXPIRES_AT,
+    target::KEY_SCOPE,
+    target::KEY_PHONE_NUMBER,
+    crate::agent::files::JSON_FILE,
+];
 /// Limits of a template, so a grant cannot make the target Secret (or the operator's memory) large.
 pub const TEMPLATE_MAX_ENTRIES: u64 = 32;
 pub const TEMPLATE_MAX_DATA_VALUE: u64 = 16384;

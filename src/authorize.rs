@@ -172,7 +172,13 @@ fn loopback_addr(redirect: &Url) -> anyhow::Result<std::net::SocketAddr> {
     Ok((ip, port).into())
 }
 
-async fn read_client(secrets: &Api<Secret>, namespace: &str, name: &str) -> anyhow::Result<(String, ClientSecret)> {
+/// The OAuth client (`client_id`, `client_secret`) from Secret `namespace/name`; errors name the
+/// Secret and the missing key.
+pub(crate) async fn read_client(
+    secrets: &Api<Secret>,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<(String, ClientSecret)> {
     let secret = secrets.get_opt(name).await?.with_context(|| {
         format!("Secret {namespace}/{name} not found: create it with the keys {CLIENT_ID_KEY} and {CLIENT_SECRET_KEY}")
     })?;

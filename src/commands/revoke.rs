@@ -99,15 +99,13 @@ async fn revoke(
         secrets.get_opt(&name).await.map_err(|e| api_error(&format!("read Secret {ns}/{name}"), e))
     };
     let client_name = &grant.spec.client_secret_ref.name;
-    let client_secret = read(client_name.clone())
-        .await?
-        .with_context(|| format!("Secret {ns}/{client_name} (clientSecretRef) not found"))?;
+    let (client_id, client_secret) = crate::authorize::read_client(secrets, ns, client_name).await.map_err(|e| {
+        match e.downcast::<kube::Error>() {
+            Ok(err) => api_error(&format!("read Secret {ns}/{client_name}"), err),
+            Err(other) => other,
+        }
+    })?;
     let value = |secret: &Secret, key: &str| secret_text(secret, key).ok();
-    let (Some(client_id), Some(client_secret)) =
-        (value(&client_secret, crate::api::CLIENT_ID_KEY), value(&client_secret, crate::api::CLIENT_SECRET_KEY))
-    else {
-        bail!("Secret {ns}/{client_name} (clientSecretRef) lacks client_id or client_secret");
-    };
     let state_name = lineage::state_secret_name(&grant.metadata.name.clone().unwrap_or_default());
     let live = |state: Option<Secret>| state.and_then(|s| value(&s, lineage::KEY_REFRESH_TOKEN));
     let mut token = match live(read(state_name.clone()).await?) {
@@ -124,7 +122,7 @@ async fn revoke(
         Some(path) => Some(std::fs::read(path).with_context(|| format!("--ca-bundle {}", path.display()))?),
         None => None,
     };
-    let mut config = ClientConfig::new(client_id, crate::oauth::secrets::ClientSecret::new(client_secret));
+    let mut config = ClientConfig::new(client_id, client_secret);
     config.issuer_url = issuer.clone();
     config.timeout = opts.timeout;
     config.ca_bundle_pem = ca_bundle_pem;

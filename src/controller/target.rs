@@ -53,10 +53,7 @@ pub fn shape(
     issued_at: Timestamp,
     template: Result<Option<&Template>, &TemplateError>,
 ) -> (Shaped, Option<TemplateError>) {
-    let mut shaped = Shaped {
-        annotations: BTreeMap::from([(ANNOTATION_REFRESHED_AT.to_owned(), issued_at.to_string())]),
-        ..Default::default()
-    };
+    let mut shaped = Shaped::default();
     let problem = match template {
         Ok(None) => None,
         Err(problem) => Some(problem.clone()),
@@ -73,18 +70,17 @@ pub fn shape(
                 Ok(rendered) => {
                     shaped.data = rendered;
                     shaped.labels = template.labels().clone();
-                    // The operator's own annotations win (a template cannot name them anyway).
-                    shaped.annotations.extend(template.annotations().clone());
+                    shaped.annotations = template.annotations().clone();
                     shaped.annotations.insert(ANNOTATION_TEMPLATE_HASH.to_owned(), template.hash().to_owned());
-                    shaped.annotations.insert(ANNOTATION_REFRESHED_AT.to_owned(), issued_at.to_string());
                     None
                 }
                 Err(problem) => Some(problem),
             }
         }
     };
-    // The operator's keys last: nothing rendered can replace them.
+    // The operator's keys and annotation last: nothing rendered can replace them.
     shaped.data.extend(data);
+    shaped.annotations.insert(ANNOTATION_REFRESHED_AT.to_owned(), issued_at.to_string());
     (shaped, problem)
 }
 
