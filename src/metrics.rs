@@ -150,6 +150,12 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        // The standard process_* series (memory, CPU, open files, start time) that dashboards and
+        // alerts expect from any exporter.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("metric names are unique");
         Self {
             registry,
             refresh_total,

@@ -1,7 +1,9 @@
 //! What ships in deploy/: the Helm chart lints, the plain manifests are the chart rendered and a
 //! real apiserver accepts them, the Deployment is hardened, and the alert rules pass promtool's
-//! checks and their unit tests.
+//! checks and their unit tests, and the Grafana dashboard is well formed, its queries pass promtool
+//! and it ships as a sidecar ConfigMap when enabled.
 
+mod dashboard_queries;
 mod support;
 
 use std::path::Path;
@@ -40,7 +42,7 @@ fn chart_lints_with_defaults_and_with_every_optional_part() {
     let chart = repo_root().join("deploy/chart/wgtwo-operator");
     let chart = chart.to_str().unwrap();
     run(&helm, &["lint", "--strict", chart], &repo_root());
-    let all = "watchNamespace=team-a,serviceMonitor.enabled=true,prometheusRule.enabled=true,operator.caBundle.configMapName=ca";
+    let all = "watchNamespace=team-a,serviceMonitor.enabled=true,prometheusRule.enabled=true,operator.caBundle.configMapName=ca,dashboard.enabled=true";
     run(&helm, &["lint", "--strict", chart, "--set", all], &repo_root());
     // The PrometheusRule carries the promtool-tested rules unchanged.
     let rendered = support::helm_template(&["prometheusRule.enabled=true"]);
@@ -50,6 +52,82 @@ fn chart_lints_with_defaults_and_with_every_optional_part() {
     )
     .unwrap();
     assert_eq!(rule["spec"], file);
+}
+
+#[test]
+fn the_query_reader_finds_every_metric_and_label_name() {
+    let (metrics, labels) = dashboard_queries::names(
+        r#"60 * sum by (result) (rate(a_total{job="x", ns=~"a|b,c"}[5m])) or vector(0) unless on (name) b:rec offset 5m"#,
+    );
+    assert_eq!(metrics.iter().map(String::as_str).collect::<Vec<_>>(), ["a_total", "b:rec"]);
+    assert_eq!(labels.iter().map(String::as_str).collect::<Vec<_>>(), ["job", "name", "ns", "result"]);
+    let scrape = dashboard_queries::scraped("# HELP a_total x\na_total{ns=\"q\",result=\"ok\"} 1\nb:rec 2\n");
+    assert_eq!(
+        dashboard_queries::missing_from(&scrape, r#"sum by (name, pod) (a_total{ns="q"}) + c"#),
+        ["metric c", "label name"],
+    );
+}
+
+#[test]
+fn the_dashboard_is_well_formed_and_its_queries_pass_promtool() {
+    let dashboard = dashboard_queries::dashboard();
+    assert_eq!(dashboard["uid"], "wgtwo-operator");
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    assert!(
+        variables.iter().any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus")
+    );
+    let mut ids = std::collections::HashSet::new();
+    for panel in dashboard_queries::panels(&dashboard) {
+        assert!(ids.insert(panel["id"].as_u64().unwrap()), "two panels with id {}", panel["id"]);
+        let grid = &panel["gridPos"];
+        assert!(
+            grid["x"].as_u64().unwrap() + grid["w"].as_u64().unwrap() <= 24,
+            "panel {} is wider than the grid",
+            panel["id"]
+        );
+        assert!(grid["h"].as_u64().unwrap() > 0);
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert!(!panel["title"].as_str().unwrap().is_empty());
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "panel {} names a fixed data source", panel["id"]);
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {} has no query", panel["id"]);
+        for target in targets {
+            assert_eq!(target["datasource"]["uid"], "${datasource}");
+        }
+    }
+    // promtool parses each query as the expression of a recording rule.
+    let queries = dashboard_queries::dashboard_queries(&dashboard);
+    let rules: Vec<Value> = queries
+        .iter()
+        .map(|(place, expr)| serde_json::json!({"record": format!("dashboard:{place}"), "expr": expr}))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    // JSON is YAML.
+    let file = serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]});
+    std::fs::write(dir.path().join("queries.yaml"), file.to_string()).unwrap();
+    let checked = run(&binaries::path("promtool"), &["check", "rules", "queries.yaml"], dir.path());
+    assert!(checked.contains(&format!("SUCCESS: {} rules found", queries.len())), "{checked}");
+}
+
+#[test]
+fn the_dashboard_ships_as_a_sidecar_configmap_only_when_enabled() {
+    assert!(!docs(&support::helm_template(&[])).iter().any(|d| d["kind"] == "ConfigMap"));
+    let rendered = support::helm_template(&["dashboard.enabled=true", "dashboard.annotations.grafana_folder=wgtwo"]);
+    let map = docs(&rendered).into_iter().find(|d| d["kind"] == "ConfigMap").expect("a dashboard ConfigMap");
+    assert_eq!(map["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(map["metadata"]["annotations"]["grafana_folder"], "wgtwo");
+    assert_eq!(map["metadata"]["namespace"], support::OPERATOR_NS);
+    let shipped: Value = serde_json::from_str(map["data"]["wgtwo-operator.json"].as_str().unwrap()).unwrap();
+    assert_eq!(shipped, dashboard_queries::dashboard());
+    let elsewhere = support::helm_template(&["dashboard.enabled=true", "dashboard.namespace=monitoring"]);
+    let map = docs(&elsewhere).into_iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    assert_eq!(map["metadata"]["namespace"], "monitoring");
+    // The dashboard and alerts group by the grant's namespace label: Prometheus must keep it.
+    let monitored = support::helm_template(&["serviceMonitor.enabled=true"]);
+    let monitor = docs(&monitored).into_iter().find(|d| d["kind"] == "ServiceMonitor").unwrap();
+    assert_eq!(monitor["spec"]["endpoints"][0]["honorLabels"], true);
 }
 
 #[test]

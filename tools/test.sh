@@ -6,6 +6,13 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 step() { echo "==> $* ($(( $(date +%s) - start ))s)"; }
 
+# A full disk shows up much later as apiserver 504s (etcd cannot write) and Hydra 500s (SQLite
+# cannot write); say so up front. A cold build needs about 12 GiB (target/ plus the Go cache).
+free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
+if (( free_kib < 12 * 1024 * 1024 )); then
+  echo "warning: only $(( free_kib / 1024 / 1024 )) GiB free on $(df -P . | awk 'NR == 2 { print $6 }'); the tests need about 12 GiB" >&2
+fi
+
 step "building or reusing the test peers and tools (kube-apiserver, etcd, kubectl, hydra, promtool, helm)"
 bins=$(tools/testenv/build.sh)
 echo "$bins"
