@@ -239,11 +239,11 @@ impl Metrics {
 
     /// Keeps only the series of these grants (after a relist, which may hide deletions).
     pub fn retain_grants(&self, alive: &HashSet<(String, String)>) {
+        use prometheus::core::Collector;
         let mut gone = HashSet::new();
-        for family in self.registry.gather() {
-            if !family.name().starts_with("wgtwo_grant_") {
-                continue;
-            }
+        // Only the per-grant families: gathering the registry would also read /proc.
+        let families = [self.refresh_total.collect(), self.expiration.collect(), self.ready.collect()].concat();
+        for family in families {
             for metric in family.get_metric() {
                 let label = |n: &str| metric.get_label().iter().find(|l| l.name() == n).map(|l| l.value().to_owned());
                 if let (Some(ns), Some(name)) = (label("namespace"), label("name")) {
