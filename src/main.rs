@@ -187,6 +187,12 @@ struct RunArgs {
     /// How often the leader renews the Lease (and a standby checks it).
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     lease_renew_period: Duration,
+    /// Write each refresh answer to a journal in this directory before anything else, and replay
+    /// it on start: a container killed after a token answer arrived and before the state Secret
+    /// held its rotated refresh token keeps that grant when it restarts in the same pod. Use a
+    /// memory-backed emptyDir (the chart does): the journal holds refresh tokens.
+    #[arg(long, env = "WGTWO_JOURNAL_DIR")]
+    journal_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -294,6 +300,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 kube_api_qps: a.kube_api_qps,
                 metrics_address: a.metrics_bind_address,
                 election,
+                journal_dir: a.journal_dir,
             };
             wgtwo_operator::operator::run(kube::Config::infer().await?, config).await?;
         }

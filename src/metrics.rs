@@ -45,6 +45,8 @@ pub struct Metrics {
     reconciles: IntCounter,
     grants_in_memory: IntGauge,
     clients_cached: IntGauge,
+    journal_write_errors: IntCounter,
+    journal_replayed: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -133,6 +135,19 @@ impl Metrics {
             "Discovered OAuth clients cached (one per issuer, client id and client secret in use).",
         )
         .unwrap();
+        let journal_write_errors = IntCounter::new(
+            "wgtwo_operator_journal_write_errors_total",
+            "Refresh answers that could not be written to the journal (--journal-dir): each was in memory only until its state Secret write.",
+        )
+        .unwrap();
+        let journal_replayed = IntCounterVec::new(
+            Opts::new(
+                "wgtwo_operator_journal_replayed_total",
+                "Journal entries looked at on start, by result: written (to the state Secret: a grant a kill would have lost), already_persisted, superseded (dropped), kept (a permanent error; replayed at the next start).",
+            ),
+            &["result"],
+        )
+        .unwrap();
         for c in [
             Box::new(refresh_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(refresh_duration.clone()),
@@ -147,6 +162,8 @@ impl Metrics {
             Box::new(reconciles.clone()),
             Box::new(grants_in_memory.clone()),
             Box::new(clients_cached.clone()),
+            Box::new(journal_write_errors.clone()),
+            Box::new(journal_replayed.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -171,7 +188,19 @@ impl Metrics {
             reconciles,
             grants_in_memory,
             clients_cached,
+            journal_write_errors,
+            journal_replayed,
         }
+    }
+
+    /// A refresh answer could not be written to the journal.
+    pub fn journal_write_failed(&self) {
+        self.journal_write_errors.inc();
+    }
+
+    /// A journal entry was replayed on start (`written`, `already_persisted`, `superseded`, `kept`).
+    pub fn journal_replayed(&self, result: &str) {
+        self.journal_replayed.with_label_values(&[result]).inc();
     }
 
     /// How an attempt to renew a grant's token ended.

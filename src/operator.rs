@@ -1,18 +1,23 @@
 //! `wgtwo-operator run`: the controller plus what production needs around it (leader election,
 //! metrics and probes, graceful shutdown), wired in the order that keeps refresh tokens safe.
 //!
+//! With `--journal-dir`, the journal of a killed predecessor is replayed first, before this
+//! process campaigns for the Lease or reconciles anything.
+//!
 //! Shutdown on SIGTERM/SIGINT: no token request starts any more; in-flight reconciles finish,
 //! including the persistence of a rotated refresh token; then the Lease is released so a standby
 //! takes over at once; the HTTP server stops last and the process exits 0.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::controller::{self, Options, Shared};
+use crate::controller::journal::Journal;
+use crate::controller::{self, Options, Shared, replay};
 use crate::leader::{Leadership, LeaseConfig, LeaseElector};
 use crate::server::{self, Probes};
 
@@ -25,6 +30,8 @@ pub struct RunConfig {
     pub metrics_address: SocketAddr,
     /// `None`: no election (exactly one replica must run).
     pub election: Option<Election>,
+    /// The write-ahead journal of refresh answers (`--journal-dir`); `None`: none.
+    pub journal_dir: Option<std::path::PathBuf>,
 }
 
 pub struct Election {
@@ -95,7 +102,11 @@ pub async fn run(kube_config: kube::Config, config: RunConfig) -> anyhow::Result
         }
         None => Leadership::always(),
     };
-    let shared = Shared { leadership: leadership.clone(), ..Default::default() };
+    let journal = match &config.journal_dir {
+        Some(dir) => Some(Arc::new(Journal::open(dir).with_context(|| format!("--journal-dir {}", dir.display()))?)),
+        None => None,
+    };
+    let shared = Shared { leadership: leadership.clone(), journal: journal.clone(), ..Default::default() };
 
     let shutdown = CancellationToken::new();
     let serving = CancellationToken::new();
@@ -105,6 +116,30 @@ pub async fn run(kube_config: kube::Config, config: RunConfig) -> anyhow::Result
         .await
         .with_context(|| format!("--metrics-bind-address {}", config.metrics_address))?;
     let server = tokio::spawn(server);
+
+    let signals = shutdown.clone();
+    let stop_leading = leadership.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutting down: no new refreshes; finishing those in flight");
+        stop_leading.stop();
+        signals.cancel();
+    });
+
+    // Before campaigning or reconciling: what a killed predecessor in this pod could not persist.
+    if let Some(journal) = &journal {
+        let replayed = replay::replay(&client, journal, &shared.metrics, &shutdown)
+            .await
+            .with_context(|| format!("reading the journal in {}", journal.dir().display()))?;
+        info!(
+            written = replayed.written,
+            already_persisted = replayed.already_persisted,
+            superseded = replayed.superseded,
+            kept = replayed.kept,
+            "journal replayed"
+        );
+        *shared.replayed.lock().unwrap() = replayed.answers;
+    }
 
     let elector_stop = CancellationToken::new();
     let elector = match config.election {
@@ -127,15 +162,6 @@ pub async fn run(kube_config: kube::Config, config: RunConfig) -> anyhow::Result
         }
         None => None,
     };
-
-    let signals = shutdown.clone();
-    let stop_leading = leadership.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        info!("shutting down: no new refreshes; finishing those in flight");
-        stop_leading.stop();
-        signals.cancel();
-    });
 
     let result = controller::run(watch_client, client, config.controller, shared, shutdown).await;
     // In-flight work is done: hand the Lease over, then stop serving.

@@ -31,7 +31,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     let promtool = binaries::path("promtool");
     let deploy = repo_root().join("deploy");
     let checked = run(&promtool, &["check", "rules", "chart/wgtwo-operator/files/alerts.yaml"], &deploy);
-    assert!(checked.contains("SUCCESS: 5 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 6 rules found"), "{checked}");
     let tested = run(&promtool, &["test", "rules", "alerts_test.yaml"], &deploy);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -210,6 +210,37 @@ fn the_deployment_runs_two_hardened_replicas_with_probes_and_limits() {
     {
         assert!(kinds.contains(&kind), "no {kind} in {kinds:?}");
     }
+}
+
+#[test]
+fn the_journal_is_a_memory_backed_volume_mounted_where_the_flag_points_and_can_be_turned_off() {
+    let render = |set: &str| {
+        let out = Command::new(binaries::path("helm"))
+            .args(["template", "x"])
+            .arg(repo_root().join("deploy/chart/wgtwo-operator"))
+            .args(["--set", set])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let all = docs(&String::from_utf8_lossy(&out.stdout));
+        all.into_iter().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"].clone()
+    };
+    let pod = render("journal.enabled=true");
+    let c = &pod["containers"][0];
+    let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let dir = args.iter().find_map(|a| a.strip_prefix("--journal-dir=")).expect("--journal-dir");
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let mount = mounts.iter().find(|m| m["mountPath"] == dir).expect("a volume mounted at --journal-dir");
+    assert_ne!(mount["readOnly"], true);
+    let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+    // Refresh tokens never reach a disk; the size is bounded.
+    assert_eq!(volume["emptyDir"]["medium"], "Memory", "{volume}");
+    assert!(volume["emptyDir"]["sizeLimit"].is_string(), "{volume}");
+
+    let pod = render("journal.enabled=false");
+    let args = pod["containers"][0]["args"].to_string();
+    assert!(!args.contains("--journal-dir"), "{args}");
+    assert!(pod["volumes"].is_null(), "{}", pod["volumes"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use kube::api::{DeleteParams, ListParams};
 use support::{Env, metric, scrape};
 use wgtwo_testenv::{FaultServer, HydraOptions};
@@ -34,29 +33,9 @@ async fn wait_for_gauges(port: u16, grants: f64, clients: f64, within: Duration)
 async fn per_grant_memory_and_cached_clients_are_forgotten_when_1000_grants_are_deleted() {
     let mut env = Env::start(HydraOptions::default()).await;
     let stub = FaultServer::start().await.unwrap();
-    for c in 0..CLIENTS {
-        env.put_secret(
-            &format!("client-{c}"),
-            &[("client_id", &format!("client-{c}")), ("client_secret", &format!("secret-{c}"))],
-        )
-        .await;
-    }
+    env.put_clients(CLIENTS).await;
     let created = Instant::now();
-    futures::stream::iter(0..GRANTS)
-        .map(|i| {
-            let env = &env;
-            let issuer = stub.base_url().to_owned();
-            async move {
-                env.create_grant(&format!("g{i}"), &format!("rt-{i}"), |s| {
-                    s.issuer_url = issuer;
-                    s.client_secret_ref.name = format!("client-{}", i % CLIENTS);
-                })
-                .await
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<()>>()
-        .await;
+    env.create_grants_at(stub.base_url(), GRANTS, CLIENTS, |i| format!("g{i}"), |i| format!("rt-{i}")).await;
     println!("created {GRANTS} grants in {:.1}s", created.elapsed().as_secs_f64());
 
     let (operator, port) = env.start_operator_with(&["--allowed-issuer", stub.base_url()]);

@@ -292,21 +292,15 @@ fn prune(grants: &HashMap<ObjectRef<WgtwoGrant>, GrantMemory>, clients: &mut Has
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::oauth::secrets::AccessToken;
-
-    fn key(name: &str) -> ObjectRef<WgtwoGrant> {
-        ObjectRef::new(name).within("ns")
-    }
-
-    fn pending() -> Pending {
-        Pending {
+impl Pending {
+    /// An answer (refresh token `rt`, access token `at`) for unit tests.
+    pub fn sample(refreshed_at: Timestamp, persisted: bool) -> Self {
+        Self {
             refresh_token: RefreshToken::new("rt".into()),
             source: "s".into(),
             source_version: None,
             tokens: TokenSet {
-                access_token: AccessToken::new("at".into()),
+                access_token: crate::oauth::secrets::AccessToken::new("at".into()),
                 refresh_token: None,
                 token_type: "bearer".into(),
                 expires_at: None,
@@ -314,10 +308,23 @@ mod tests {
                 id_token: None,
                 id_token_error: None,
             },
-            refreshed_at: Timestamp::UNIX_EPOCH,
+            refreshed_at,
             received: Instant::now(),
-            persisted: false,
+            persisted,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> ObjectRef<WgtwoGrant> {
+        ObjectRef::new(name).within("ns")
+    }
+
+    fn pending() -> Pending {
+        Pending::sample(Timestamp::UNIX_EPOCH, false)
     }
 
     fn gauge(m: &Metrics, name: &str) -> String {

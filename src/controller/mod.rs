@@ -12,9 +12,11 @@
 pub mod index;
 pub mod inputs;
 pub mod issuers;
+pub mod journal;
 pub mod lineage;
 pub mod memory;
 pub mod product;
+pub mod replay;
 pub mod schedule;
 pub mod secret_cache;
 pub mod status;
@@ -30,7 +32,7 @@ use futures::{StreamExt, TryStreamExt};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
@@ -43,6 +45,7 @@ use tracing::{debug, error, info, instrument, warn};
 
 use self::index::SecretIndex;
 use self::issuers::AllowedIssuer;
+use self::journal::Journal;
 use self::lineage::RefreshState;
 use self::memory::{Failure, Memory, Pending};
 use self::schedule::{Decision, Observed, RefreshReason};
@@ -116,6 +119,18 @@ impl Options {
     }
 }
 
+/// Which write of a refresh answer to the journal.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Journaling {
+    /// The answer as parsed: its rotated refresh token is safe from here.
+    Answer,
+    /// Again with the verified ID token's claims (subject, phone number), so a replay publishes them.
+    VerifiedClaims,
+}
+
+/// A refresh answer the controller is to publish, by grant.
+pub type KeptAnswer = (ObjectRef<WgtwoGrant>, Pending);
+
 /// What the controller shares with the rest of the process.
 #[derive(Clone)]
 pub struct Shared {
@@ -123,11 +138,22 @@ pub struct Shared {
     pub leadership: Leadership,
     /// Set once the grant watch has listed everything.
     pub synced: Arc<AtomicBool>,
+    /// Where each refresh answer is written before anything else (`--journal-dir`).
+    pub journal: Option<Arc<Journal>>,
+    /// Answers the journal replay wrote to (or found in) the state Secrets, to be published by
+    /// the first reconcile of their grants; taken once by the controller.
+    pub replayed: Arc<std::sync::Mutex<Vec<KeptAnswer>>>,
 }
 
 impl Default for Shared {
     fn default() -> Self {
-        Self { metrics: Metrics::new(), leadership: Leadership::always(), synced: Default::default() }
+        Self {
+            metrics: Metrics::new(),
+            leadership: Leadership::always(),
+            synced: Default::default(),
+            journal: None,
+            replayed: Default::default(),
+        }
     }
 }
 
@@ -163,11 +189,24 @@ impl Context {
     ) -> Self {
         let recorder = recorder(client.clone());
         let memory = Memory::new(shared.metrics.clone());
+        for (key, pending) in std::mem::take(&mut *shared.replayed.lock().unwrap()) {
+            memory.keep(&key, pending);
+        }
         Self { client, recorder, options, shared, memory, grants, cache, products: Default::default() }
     }
 
     fn api_backoff(&self, key: &ObjectRef<WgtwoGrant>) -> Duration {
         self.memory.next_api_backoff(key, self.options.min_backoff, self.options.max_backoff)
+    }
+
+    /// Forgets a grant that is gone: its memory and its journal entry.
+    fn forget(&self, key: &ObjectRef<WgtwoGrant>) {
+        self.memory.forget(key);
+        if let Some(journal) = &self.shared.journal
+            && let Err(err) = journal.remove(&grant_id(key))
+        {
+            warn!(namespace = key.namespace.as_deref().unwrap_or_default(), grant = %key.name, error = %err, "could not remove the journal entry of a deleted grant");
+        }
     }
 
     fn client_config(&self, issuer: &str, inputs: &inputs::Inputs) -> ClientConfig {
@@ -240,14 +279,20 @@ pub async fn run(
             }
             watcher::Event::Delete(g) => {
                 metrics.forget_grant(&g.namespace().unwrap_or_default(), &g.name_any());
-                watch_ctx.memory.forget(&ObjectRef::from_obj(g));
+                watch_ctx.forget(&ObjectRef::from_obj(g));
                 grant_index.remove(g);
             }
             watcher::Event::InitDone => {
                 let alive = reader.state();
                 metrics
                     .retain_grants(&alive.iter().map(|g| (g.namespace().unwrap_or_default(), g.name_any())).collect());
-                watch_ctx.memory.retain(&alive.iter().map(|g| ObjectRef::from_obj(&**g)).collect::<HashSet<_>>());
+                let alive_keys: HashSet<_> = alive.iter().map(|g| ObjectRef::from_obj(&**g)).collect();
+                watch_ctx.memory.retain(&alive_keys);
+                if let Some(journal) = &watch_ctx.shared.journal
+                    && let Err(err) = journal.retain(&alive_keys.iter().map(grant_id).collect::<Vec<_>>())
+                {
+                    warn!(error = %err, "could not drop the journal entries of deleted grants");
+                }
                 grant_index.rebuild(alive.iter().map(|g| &**g));
                 grants_synced.store(true, Ordering::Release);
                 grants_done();
@@ -312,11 +357,50 @@ pub async fn run(
         })
         .await;
     let lost = ctx.memory.unpersisted();
-    if !lost.is_empty() {
+    if !lost.is_empty() && ctx.shared.journal.is_some() {
+        error!(grants = ?lost, "stopped with rotated refresh tokens that could not be persisted; the journal keeps them, and a restart in this pod writes them to the state Secrets");
+    } else if !lost.is_empty() {
         error!(grants = ?lost, "stopped with rotated refresh tokens that could not be persisted; these grants need re-authorization unless the identity service has a rotation grace period");
     }
     info!("controller stopped");
     Ok(())
+}
+
+/// Whether a kept answer still goes to the target Secret. Once its refresh token is persisted,
+/// a target token issued at or after it is this answer's (the write landed, its reply was lost) or
+/// a later refresh's from that persisted token.
+fn publish_kept(pending: &Pending, published: Option<schedule::TokenTimes>) -> bool {
+    !pending.persisted || published.is_none_or(|t| t.issued_at < pending.refreshed_at)
+}
+
+fn grant_id(key: &ObjectRef<WgtwoGrant>) -> journal::GrantId {
+    journal::GrantId { namespace: key.namespace.clone().unwrap_or_default(), name: key.name.clone() }
+}
+
+/// A Secret the operator owns for `grant` (state or target): labelled as the operator's and the
+/// grant's, owned by the grant (so it goes with it), at `resource_version` when replacing one.
+pub(crate) fn owned_secret(
+    grant: &WgtwoGrant,
+    name: &str,
+    resource_version: Option<String>,
+    data: BTreeMap<String, k8s_openapi::ByteString>,
+    annotations: BTreeMap<String, String>,
+    mut labels: BTreeMap<String, String>,
+) -> Secret {
+    labels.extend([(LABEL_MANAGED_BY.to_owned(), MANAGER.to_owned()), (LABEL_GRANT.to_owned(), grant.name_any())]);
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(labels),
+            annotations: (!annotations.is_empty()).then_some(annotations),
+            owner_references: Some(vec![grant.controller_owner_ref(&()).expect("a grant read from the API has a uid")]),
+            resource_version,
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Default::default()
+    }
 }
 
 fn users_of(index: &SecretIndex, namespace: &Option<String>, secret: &str) -> Vec<ObjectRef<WgtwoGrant>> {
@@ -355,7 +439,7 @@ async fn reconcile(grant: Arc<WgtwoGrant>, ctx: Arc<Context>) -> Result<Action, 
     let ns = grant.namespace().expect("WgtwoGrant is namespaced");
     if grant.meta().deletion_timestamp.is_some() {
         // Being deleted: its Secrets go with it; write nothing that would bring them back.
-        ctx.memory.forget(&key);
+        ctx.forget(&key);
         return Ok(Action::await_change());
     }
     // Reads come from the Secret caches: wait until they hold everything (bounded, so shutdown is
@@ -376,7 +460,7 @@ async fn reconcile(grant: Arc<WgtwoGrant>, ctx: Arc<Context>) -> Result<Action, 
     // Deleted while this reconcile ran: the watch has forgotten it already, and what this
     // reconcile remembered must go too.
     if ctx.grants.get(&key).is_none_or(|g| g.uid() != grant.uid()) {
-        ctx.memory.forget(&key);
+        ctx.forget(&key);
     }
     result
 }
@@ -392,6 +476,14 @@ impl Run<'_> {
         if let Some(pending) = self.ctx.memory.pending(&self.key) {
             let state = self.owned(&self.state_name()).await?;
             let target = self.owned(&self.grant.spec.target.secret_name).await?;
+            let published = target.as_ref().and_then(target::published_token);
+            if !publish_kept(&pending, published) {
+                // The target holds this answer's token already, or a newer one (a replica refreshed
+                // from the persisted token meanwhile): never put an older access token over it.
+                debug!("the kept answer is published already or superseded");
+                self.ctx.memory.published(&self.key);
+                return Ok(Action::requeue(Duration::from_millis(200)));
+            }
             let next = self.publish(pending, state.as_ref(), target.as_ref(), None).await?;
             self.ctx.memory.reset_api_backoff(&self.key);
             // This reconcile's view of the grant predates the publish; decide afresh next time.
@@ -657,20 +749,34 @@ impl Run<'_> {
         }
         info!(reason = why.as_str(), "refreshing");
         let sent = Instant::now();
-        let result = client.refresh(&chosen.refresh_token, self.grant.spec.scope.as_deref()).await;
-        let received = Instant::now();
+        let pending = |tokens: TokenSet, (received, refreshed_at): (Instant, Timestamp)| Pending {
+            refresh_token: tokens.refresh_token.clone().unwrap_or_else(|| chosen.refresh_token.clone()),
+            source: chosen.source.clone(),
+            source_version: chosen.source_version.clone(),
+            tokens,
+            refreshed_at,
+            received,
+            persisted: false,
+        };
+        let mut answered = None;
+        let scope = self.grant.spec.scope.as_deref();
+        let result = client
+            .refresh_then(&chosen.refresh_token, scope, |tokens| {
+                // Journaled the moment the answer is parsed, before the ID token is verified.
+                let at = (Instant::now(), whole_seconds(Timestamp::now()));
+                answered = Some(at);
+                self.journal(&chosen.refresh_token, &pending(tokens.clone(), at), Journaling::Answer);
+            })
+            .await;
+        let at = answered.unwrap_or_else(|| (Instant::now(), whole_seconds(Timestamp::now())));
+        let received = at.0;
         // Kept before anything else can fail or wait: from here on the rotated refresh token is
         // removed only once the state Secret holds it.
         let tokens = result.map(|tokens| {
-            let pending = Pending {
-                refresh_token: tokens.refresh_token.clone().unwrap_or_else(|| chosen.refresh_token.clone()),
-                source: chosen.source.clone(),
-                source_version: chosen.source_version.clone(),
-                tokens,
-                refreshed_at: whole_seconds(Timestamp::now()),
-                received,
-                persisted: false,
-            };
+            let pending = pending(tokens, at);
+            if pending.tokens.id_token.is_some() {
+                self.journal(&chosen.refresh_token, &pending, Journaling::VerifiedClaims);
+            }
             self.ctx.memory.keep(&self.key, pending.clone());
             pending
         });
@@ -744,6 +850,7 @@ impl Run<'_> {
             match tokio::time::timeout(PERSIST_BUDGET, write).await {
                 Ok(Ok(written)) => {
                     self.ctx.memory.persisted(&self.key);
+                    self.unjournal();
                     state = Some(written);
                 }
                 Ok(Err(err)) => return Err(Error::PersistFailed(kube_message(&err))),
@@ -1065,25 +1172,10 @@ impl Run<'_> {
         existing: Option<&Secret>,
         data: BTreeMap<String, k8s_openapi::ByteString>,
         annotations: BTreeMap<String, String>,
-        mut labels: BTreeMap<String, String>,
+        labels: BTreeMap<String, String>,
     ) -> Result<Secret, kube::Error> {
-        labels.extend([
-            (LABEL_MANAGED_BY.to_owned(), MANAGER.to_owned()),
-            (LABEL_GRANT.to_owned(), self.grant.name_any()),
-        ]);
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                labels: Some(labels),
-                annotations: (!annotations.is_empty()).then_some(annotations),
-                owner_references: Some(vec![self.owner_reference()]),
-                resource_version: existing.and_then(|s| s.resource_version()),
-                ..Default::default()
-            },
-            type_: Some("Opaque".into()),
-            data: Some(data),
-            ..Default::default()
-        };
+        let version = existing.and_then(|s| s.resource_version());
+        let secret = owned_secret(self.grant, name, version, data, annotations, labels);
         let written = match existing {
             None => self.secrets.create(&PostParams::default(), &secret).await?,
             Some(_) => self.secrets.replace(name, &PostParams::default(), &secret).await?,
@@ -1108,8 +1200,33 @@ impl Run<'_> {
         self.ctx.cache.read(&self.secrets, &self.ns, name, &[key], false).await
     }
 
-    fn owner_reference(&self) -> OwnerReference {
-        self.grant.controller_owner_ref(&()).expect("a grant read from the API has a uid")
+    /// Writes the answer to the journal, if there is one: synchronously, before any await, as the
+    /// rotated refresh token exists nowhere else yet. A failure leaves it in memory only, as
+    /// without a journal.
+    fn journal(&self, presented: &RefreshToken, pending: &Pending, what: Journaling) {
+        let Some(journal) = &self.ctx.shared.journal else { return };
+        let uid = self.grant.uid().unwrap_or_default();
+        match journal.write(&journal::Entry::new(&grant_id(&self.key), &uid, presented, pending)) {
+            // The crash window that remains: answer received -> journal written.
+            Ok(()) if what == Journaling::Answer => {
+                info!(journal_us = pending.received.elapsed().as_micros() as u64, "refresh answer journaled")
+            }
+            Ok(()) => debug!("the ID token's claims journaled with the answer"),
+            Err(err) => {
+                self.ctx.shared.metrics.journal_write_failed();
+                warn!(error = %err, "could not write the refresh answer to the journal; until the state Secret holds it, it is in memory only");
+            }
+        }
+    }
+
+    /// The state Secret holds the answer's refresh token: the journal entry has done its job.
+    fn unjournal(&self) {
+        if let Some(journal) = &self.ctx.shared.journal
+            && let Err(err) = journal.remove(&grant_id(&self.key))
+        {
+            // Harmless: replay finds the state Secret holding the token and drops the entry.
+            warn!(error = %err, "could not remove the journal entry of a persisted answer");
+        }
     }
 
     fn owns(&self, secret: &Secret) -> bool {
@@ -1245,4 +1362,29 @@ fn ceil_seconds(t: Timestamp) -> Timestamp {
 
 fn until(now: Timestamp, at: Timestamp) -> Duration {
     Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO).max(Duration::from_millis(200))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(persisted: bool, refreshed_at: Timestamp) -> Pending {
+        Pending::sample(refreshed_at, persisted)
+    }
+
+    fn target(issued_at: Timestamp) -> Option<schedule::TokenTimes> {
+        Some(schedule::TokenTimes { issued_at, expires_at: issued_at + SignedDuration::from_secs(3600) })
+    }
+
+    #[test]
+    fn a_persisted_answer_never_replaces_a_target_token_issued_at_or_after_it() {
+        let at: Timestamp = "2026-11-26T10:00:00Z".parse().unwrap();
+        let second = SignedDuration::from_secs(1);
+        assert!(publish_kept(&kept(true, at), None));
+        assert!(publish_kept(&kept(true, at), target(at - second)));
+        assert!(!publish_kept(&kept(true, at), target(at)), "its own token, already written");
+        assert!(!publish_kept(&kept(true, at), target(at + second)), "a later refresh's token");
+        // Not yet persisted: publish() must write the state Secret whatever the target holds.
+        assert!(publish_kept(&kept(false, at), target(at + second)));
+    }
 }

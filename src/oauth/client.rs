@@ -260,8 +260,20 @@ impl WgtwoClient {
     /// Refreshes with `refresh_token`, optionally narrowing the scope. The answer is returned even
     /// when its ID token fails verification (then `id_token_error` says why): by then the server has
     /// rotated the refresh token, and the new one must not be dropped.
-    #[instrument(skip_all, fields(issuer = %self.issuer))]
     pub async fn refresh(&self, refresh_token: &RefreshToken, scope: Option<&str>) -> Result<TokenSet, OAuthError> {
+        self.refresh_then(refresh_token, scope, |_| {}).await
+    }
+
+    /// [`Self::refresh`], calling `answered` with the parsed answer as soon as it is there: before the
+    /// ID token is verified (which may fetch the issuer's keys), so that a caller can put the rotated
+    /// refresh token somewhere safe first. The set given to `answered` has no ID token claims yet.
+    #[instrument(skip_all, fields(issuer = %self.issuer))]
+    pub async fn refresh_then(
+        &self,
+        refresh_token: &RefreshToken,
+        scope: Option<&str>,
+        answered: impl FnOnce(&TokenSet),
+    ) -> Result<TokenSet, OAuthError> {
         const OP: &str = "refresh";
         let oidc = self.oidc();
         let mut request =
@@ -271,6 +283,7 @@ impl WgtwoClient {
         }
         let response = request.request_async(&self.http).await.map_err(|e| request_error(OP, e))?;
         let mut tokens = token_set(&response, Timestamp::now());
+        answered(&tokens);
         // A refreshed ID token carries no new nonce to check (OpenID Connect Core 12.2).
         match self.verify_id_token(OP, &response, |_: Option<&Nonce>| Ok(())).await {
             Ok(id_token) => tokens.id_token = id_token,

@@ -358,3 +358,77 @@ impl Env {
         }
     }
 }
+
+/// The operators' logs, oldest first.
+pub fn operator_logs(env: &Env) -> Vec<String> {
+    let mut files: Vec<(usize, std::path::PathBuf)> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter_map(|p| {
+            let name = p.file_name()?.to_string_lossy().into_owned();
+            let n = name.strip_prefix("operator-")?.strip_suffix(".log")?.parse().ok()?;
+            Some((n, p))
+        })
+        .collect();
+    files.sort();
+    files.into_iter().map(|(_, p)| std::fs::read_to_string(p).unwrap_or_default()).collect()
+}
+
+/// The grants for which the process that wrote `log` had sent a token request and not yet had its
+/// answer when it died (judged by each grant's last token-request line).
+pub fn requests_in_flight_at_end(log: &str) -> std::collections::BTreeSet<String> {
+    let mut sent = std::collections::BTreeMap::new();
+    for line in log.lines() {
+        // Logged in the reconcile span: `reconcile{namespace="…" grant="NAME"}`.
+        let Some(grant) = line.split(" grant=\"").nth(1).and_then(|rest| rest.split('"').next()) else { continue };
+        let outcome = if line.contains(" refreshing ") {
+            true
+        } else if ["refresh answer journaled", "refresh failed", "reconcile error", "refresh refused"]
+            .iter()
+            .any(|l| line.contains(l))
+        {
+            false
+        } else {
+            continue;
+        };
+        sent.insert(grant.to_owned(), outcome);
+    }
+    sent.into_iter().filter(|(_, in_flight)| *in_flight).map(|(grant, _)| grant).collect()
+}
+
+impl Env {
+    /// Stores `clients` OAuth client Secrets (`client-N`, id `client-N`, secret `secret-N`).
+    pub async fn put_clients(&self, clients: usize) {
+        for c in 0..clients {
+            let (id, secret) = (format!("client-{c}"), format!("secret-{c}"));
+            self.put_secret(&id, &[("client_id", &id), ("client_secret", &secret)]).await;
+        }
+    }
+
+    /// Creates `count` grants at `issuer`, 16 at a time: grant `i` is named `name(i)`, starts from
+    /// refresh token `token(i)` and uses client Secret `client-{i % clients}`.
+    pub async fn create_grants_at(
+        &self,
+        issuer: &str,
+        count: usize,
+        clients: usize,
+        name: impl Fn(usize) -> String,
+        token: impl Fn(usize) -> String,
+    ) {
+        use futures::StreamExt;
+        futures::stream::iter(0..count)
+            .map(|i| {
+                let (name, token) = (name(i), token(i));
+                async move {
+                    self.create_grant(&name, &token, |s| {
+                        s.issuer_url = issuer.to_owned();
+                        s.client_secret_ref.name = format!("client-{}", i % clients);
+                    })
+                    .await
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<()>>()
+            .await;
+    }
+}

@@ -1,11 +1,11 @@
 //! A TCP proxy on loopback that can black-hole the connections open through it: from then on they
 //! forward nothing in either direction and stay open (no FIN, no RST), as with a hung apiserver or
-//! a peer lost behind a stateful firewall. Connections made afterwards work. TLS passes through
-//! untouched.
+//! a peer lost behind a stateful firewall. Connections made afterwards work, unless everything is
+//! black-holed (a peer that hangs for every client). TLS passes through untouched.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -14,6 +14,8 @@ pub struct TcpProxy {
     port: u16,
     /// Connections with an id up to this are black-holed.
     dead_up_to: Arc<AtomicU64>,
+    /// Every connection, also those made later, is black-holed.
+    all_dead: Arc<AtomicBool>,
     next_id: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -23,22 +25,23 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let dead_up_to = Arc::new(AtomicU64::new(0));
+        let all_dead = Arc::new(AtomicBool::new(false));
         let next_id = Arc::new(AtomicU64::new(1));
-        let (dead, next) = (dead_up_to.clone(), next_id.clone());
+        let (dead, all, next) = (dead_up_to.clone(), all_dead.clone(), next_id.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let id = next.fetch_add(1, Ordering::SeqCst);
-                let dead = dead.clone();
+                let (dead, all) = (dead.clone(), all.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else { return };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    let is_dead = move || dead.load(Ordering::SeqCst) >= id;
+                    let is_dead = move || dead.load(Ordering::SeqCst) >= id || all.load(Ordering::SeqCst);
                     tokio::join!(pipe(cr, sw, is_dead.clone()), pipe(sr, cw, is_dead));
                 });
             }
         });
-        Ok(Self { port, dead_up_to, next_id, task })
+        Ok(Self { port, dead_up_to, all_dead, next_id, task })
     }
 
     pub fn port(&self) -> u16 {
@@ -49,6 +52,11 @@ impl TcpProxy {
     pub fn blackhole_open_connections(&self) {
         let newest = self.next_id.load(Ordering::SeqCst) - 1;
         self.dead_up_to.fetch_max(newest, Ordering::SeqCst);
+    }
+
+    /// Every connection, open now or made later, forwards nothing more, for good.
+    pub fn blackhole_everything(&self) {
+        self.all_dead.store(true, Ordering::SeqCst);
     }
 
     /// How many connections were made through the proxy.

@@ -3,7 +3,7 @@
 //! Correctness is proven against Hydra elsewhere; this only has to be fast and to count. It also
 //! counts reuses, so a benchmark run that presented a rotated token again says so.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -25,6 +25,10 @@ struct Shared {
     used: Mutex<HashSet<String>>,
     requests: AtomicUsize,
     reused: AtomicUsize,
+    /// The user token each issued refresh token descends from.
+    roots: Mutex<HashMap<String, String>>,
+    /// The user tokens of the lineages a reuse ended.
+    ended: Mutex<Vec<String>>,
     serial: AtomicU64,
     expires_in: u64,
 }
@@ -66,6 +70,11 @@ impl RotatingTokenServer {
     pub fn reused(&self) -> usize {
         self.shared.reused.load(Ordering::SeqCst)
     }
+
+    /// The user tokens (`USER_TOKEN_PREFIX…`) of the lineages a reuse ended, in order.
+    pub fn ended_lineages(&self) -> Vec<String> {
+        self.shared.ended.lock().unwrap().clone()
+    }
 }
 
 impl Drop for RotatingTokenServer {
@@ -92,6 +101,8 @@ async fn token(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Re
     if !accepted {
         if !first_use {
             shared.reused.fetch_add(1, Ordering::SeqCst);
+            let root = shared.roots.lock().unwrap().get(&presented).cloned().unwrap_or(presented);
+            shared.ended.lock().unwrap().push(root);
         }
         return invalid_grant();
     }
@@ -100,6 +111,10 @@ async fn token(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Re
     let refresh = format!("ory_rt_bench{n:020}{}", "r".repeat(55));
     let access = format!("ory_at_bench{n:020}{}", "a".repeat(55));
     shared.live.lock().unwrap().insert(refresh.clone());
+    let mut roots = shared.roots.lock().unwrap();
+    let root = roots.get(&presented).cloned().unwrap_or(presented);
+    roots.insert(refresh.clone(), root);
+    drop(roots);
     axum::Json(json!({
         "access_token": access,
         "refresh_token": refresh,
