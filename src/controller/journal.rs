@@ -9,8 +9,8 @@
 //! it to the state Secret before the process leads or reconciles anything.
 //!
 //! One file per grant, replaced atomically (a temporary file renamed over it), so a newer answer
-//! supersedes the older entry and the journal holds at most one entry per grant with an answer in
-//! flight (bounded by `--concurrency`). No `fsync`: a killed process's writes are in the kernel
+//! supersedes the older entry: at most one entry per grant, and normally no more than
+//! `--concurrency` at a time (an entry lives from the answer until its state Secret write). No `fsync`: a killed process's writes are in the kernel
 //! already, and a node that loses its page cache loses the pod and its `emptyDir` with it.
 //! Hand-written because no maintained crate keeps one small record per key with these file modes
 //! in fewer lines than this.
@@ -220,8 +220,11 @@ impl Journal {
             }
             let parsed = fs::read(&path)
                 .map_err(|e| e.to_string())
-                // serde_json's message names a position, never the content.
-                .and_then(|bytes| serde_json::from_slice::<Entry>(&bytes).map_err(|e| e.to_string()));
+                // Only the kind and position: serde_json's own message can quote a value.
+                .and_then(|bytes| {
+                    serde_json::from_slice::<Entry>(&bytes)
+                        .map_err(|e| format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()))
+                });
             match parsed {
                 Ok(entry) if self.path(&entry.grant()) == path => entries.push(entry),
                 Ok(_) => unreadable.push(Unreadable { path, problem: "its name does not match its grant".into() }),
@@ -351,13 +354,19 @@ mod tests {
         let journal = Journal::open(root.path()).unwrap();
         fs::write(journal.dir().join(format!("{TEMP_PREFIX}x{SUFFIX}")), b"{\"half").unwrap();
         fs::write(journal.dir().join(format!("broken{SUFFIX}")), b"{\"refresh_token\": \"secret-value\"").unwrap();
+        // A value of the wrong type, which serde's own message would quote.
+        let mistyped =
+            serde_json::json!({"namespace": "a", "name": "b", "refresh_token": 424242, "refreshed_at": "secret-value"});
+        fs::write(journal.dir().join(format!("mistyped{SUFFIX}")), mistyped.to_string()).unwrap();
         let journal = Journal::open(root.path()).unwrap();
         let (entries, unreadable) = journal.entries().unwrap();
         assert!(entries.is_empty());
-        let [bad] = unreadable.as_slice() else { panic!("one unreadable entry") };
-        let message = bad.to_string();
-        assert!(message.contains("left in place"), "{message}");
-        assert!(!message.contains("secret-value"), "{message}");
-        assert_eq!(fs::read_dir(journal.dir()).unwrap().count(), 1, "the temporary file is gone, the entry kept");
+        assert_eq!(unreadable.len(), 2);
+        for bad in &unreadable {
+            let message = bad.to_string();
+            assert!(message.contains("left in place"), "{message}");
+            assert!(!message.contains("secret-value") && !message.contains("424242"), "{message}");
+        }
+        assert_eq!(fs::read_dir(journal.dir()).unwrap().count(), 2, "the temporary file is gone, the entries kept");
     }
 }
