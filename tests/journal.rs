@@ -7,7 +7,7 @@
 mod support;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kube::api::{Patch, PatchParams};
@@ -20,13 +20,6 @@ const SINGLE_REPLICA: &str = "--leader-elect=false";
 
 fn hydra() -> HydraOptions {
     HydraOptions { recording_proxy: true, ..support::ttl(3600) }
-}
-
-/// The journal's entry files (not its temporary files).
-fn entries(root: &Path) -> Vec<PathBuf> {
-    let dir = root.join("wgtwo-journal-v1");
-    let Ok(files) = std::fs::read_dir(&dir) else { return Vec::new() };
-    files.map(|f| f.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect()
 }
 
 fn mode(path: &Path) -> u32 {
@@ -78,14 +71,14 @@ async fn kill_between_answer_and_state_write(env: &mut Env, grant: &str, journal
         .await;
     hydra_proxy.hold_token_answers(Duration::ZERO);
     if let Some(dir) = journal {
-        wait_for("a journal entry", Duration::from_secs(5), async || !entries(dir).is_empty()).await;
+        wait_for("a journal entry", Duration::from_secs(5), async || !support::journal_entries(dir).is_empty()).await;
     }
     // The state Secret write is hanging; the process dies with the rotated token.
     tokio::time::sleep(Duration::from_millis(300)).await;
     operator.signal(libc::SIGKILL).unwrap();
     drop(operator);
     let entry = journal.map(|dir| {
-        let [file] = entries(dir).try_into().unwrap();
+        let [file] = support::journal_entries(dir).try_into().unwrap();
         assert_eq!(mode(&dir.join("wgtwo-journal-v1")), 0o700, "the journal directory is private");
         assert_eq!(mode(&file), 0o600, "the journal entry is private");
         serde_json::from_slice::<serde_json::Value>(&std::fs::read(&file).unwrap()).unwrap()
@@ -165,7 +158,7 @@ async fn a_kill_between_the_answer_and_the_state_write_loses_the_grant_without_t
         "the journaled token came next"
     );
     assert!(env.live_token_is_active("alice").await, "alice's grant survived the kill");
-    assert!(entries(&journal).is_empty(), "the replayed entry is removed");
+    assert!(support::journal_entries(&journal).is_empty(), "the replayed entry is removed");
     let logs = logs_of(&env);
     assert!(logs.contains("the rotated refresh token of a killed process is now in the state Secret"), "{logs}");
     for secret in [&killed.presented, &rotated, &access] {
@@ -179,7 +172,7 @@ async fn a_superseded_entry_is_dropped_and_never_overwrites_the_subscribers_new_
     env.create_authorized_grant("carol").await;
     let journal = env.dir.path().join("journal");
     kill_between_answer_and_state_write(&mut env, "carol", Some(&journal)).await;
-    assert_eq!(entries(&journal).len(), 1);
+    assert_eq!(support::journal_entries(&journal).len(), 1);
 
     // Meanwhile the subscriber authorizes again, and an operator without this pod's journal (another
     // replica) takes the new authorization into use.
@@ -197,7 +190,8 @@ async fn a_superseded_entry_is_dropped_and_never_overwrites_the_subscribers_new_
 
     // The restarted process finds its old entry superseded: dropped, the new lineage untouched.
     let _operator = restart(&mut env, Some(&journal));
-    wait_for("the entry dropped", Duration::from_secs(20), async || entries(&journal).is_empty()).await;
+    wait_for("the entry dropped", Duration::from_secs(20), async || support::journal_entries(&journal).is_empty())
+        .await;
     assert!(logs_of(&env).contains("journal entry superseded; dropped"));
     assert_eq!(env.secret_value("carol-wgtwo-state", "source_sha256").await.as_deref(), Some(new_lineage.as_str()));
     assert_eq!(env.live_refresh_token("carol").await.unwrap(), live);

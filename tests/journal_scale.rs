@@ -31,12 +31,6 @@ async fn ready(env: &Env, prefix: &str) -> usize {
         .count()
 }
 
-fn journal_entries(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir.join("wgtwo-journal-v1"))
-        .map(|files| files.filter(|f| f.as_ref().unwrap().path().extension().is_some_and(|e| e == "json")).count())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_3_s_and_4_s_into_the_first_convergence_of_1000_grants_loses_with_the_journal_only_grants_whose_token_request_was_in_flight()
  {
@@ -57,7 +51,7 @@ async fn sigkill_3_s_and_4_s_into_the_first_convergence_of_1000_grants_loses_wit
         drop(operator);
         let answered = stub.token_requests() - before;
         // Answers whose state Secret write had not completed: each a grant lost without the journal.
-        let in_journal = journal_entries(&journal);
+        let in_journal = support::journal_entries(&journal).len();
         let ready_at_kill = ready(&env, &prefix).await;
 
         // The killed process's log: the grants whose token request it had sent and not yet seen
@@ -100,7 +94,7 @@ async fn sigkill_3_s_and_4_s_into_the_first_convergence_of_1000_grants_loses_wit
                 .collect();
             panic!("grants lost with no token request in flight at the kill: {unexplained:?}\n{}", story.join("\n"));
         }
-        assert_eq!(journal_entries(&journal), 0, "the journal is empty once every answer is persisted");
+        assert_eq!(support::journal_entries(&journal).len(), 0, "the journal is empty once every answer is persisted");
         println!(
             "SIGKILL {}s into the first convergence of {GRANTS} grants: {answered} token answers before the kill, {ready_at_kill} grants Ready, {in_journal} answers only in the journal, {} token requests in flight; after the restart all other grants Ready in {:.1}s, {} lost {lost:?} (each had its request in flight at the kill)",
             kill_after.as_secs(),

@@ -24,10 +24,12 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
+use kube::runtime::reflector::ObjectRef;
 use serde::{Deserialize, Serialize};
 
 use super::lineage;
 use super::memory::Pending;
+use crate::api::WgtwoGrant;
 use crate::oauth::secrets::{AccessToken, RefreshToken};
 use crate::oauth::{IdTokenInfo, TokenSet};
 
@@ -37,13 +39,6 @@ use crate::oauth::{IdTokenInfo, TokenSet};
 const SUBDIR: &str = "wgtwo-journal-v1";
 const SUFFIX: &str = ".json";
 const TEMP_PREFIX: &str = ".tmp-";
-
-/// Which grant an entry is for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GrantId {
-    pub namespace: String,
-    pub name: String,
-}
 
 /// One refresh answer, as written to disk. No `Debug`: it holds tokens.
 #[derive(Clone, Serialize, Deserialize)]
@@ -71,10 +66,10 @@ pub struct Entry {
 
 impl Entry {
     /// The entry for an answer kept in memory (`pending`) that rotated `presented`.
-    pub fn new(grant: &GrantId, uid: &str, presented: &RefreshToken, pending: &Pending) -> Self {
+    pub fn new(grant: &ObjectRef<WgtwoGrant>, uid: &str, presented: &RefreshToken, pending: &Pending) -> Self {
         let id_token = pending.tokens.id_token.as_ref();
         Self {
-            namespace: grant.namespace.clone(),
+            namespace: grant.namespace.clone().unwrap_or_default(),
             name: grant.name.clone(),
             uid: uid.to_owned(),
             presented_sha256: lineage::sha256_hex(&[presented.secret()]),
@@ -91,8 +86,8 @@ impl Entry {
         }
     }
 
-    pub fn grant(&self) -> GrantId {
-        GrantId { namespace: self.namespace.clone(), name: self.name.clone() }
+    pub fn grant(&self) -> ObjectRef<WgtwoGrant> {
+        ObjectRef::new(&self.name).within(&self.namespace)
     }
 
     /// The answer as the controller keeps it, its refresh token persisted (replay wrote it).
@@ -170,8 +165,9 @@ impl Journal {
     }
 
     /// The file of a grant's entry: named by a hash, so no name length or character is a problem.
-    fn path(&self, grant: &GrantId) -> PathBuf {
-        self.dir.join(format!("{}{SUFFIX}", &lineage::sha256_hex(&[&grant.namespace, &grant.name])[..32]))
+    fn path(&self, grant: &ObjectRef<WgtwoGrant>) -> PathBuf {
+        let namespace = grant.namespace.as_deref().unwrap_or_default();
+        self.dir.join(format!("{}{SUFFIX}", &lineage::sha256_hex(&[namespace, &grant.name])[..32]))
     }
 
     /// Writes `entry`, replacing the grant's previous one. Synchronous on purpose: it must be on
@@ -188,7 +184,7 @@ impl Journal {
     }
 
     /// Removes the grant's entry (the state Secret holds its token, or the grant is gone).
-    pub fn remove(&self, grant: &GrantId) -> io::Result<()> {
+    pub fn remove(&self, grant: &ObjectRef<WgtwoGrant>) -> io::Result<()> {
         match fs::remove_file(self.path(grant)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -196,7 +192,7 @@ impl Journal {
     }
 
     /// Removes the entries of grants not in `alive` (after a relist, which may hide deletions).
-    pub fn retain<'a>(&self, alive: impl IntoIterator<Item = &'a GrantId>) -> io::Result<()> {
+    pub fn retain<'a>(&self, alive: impl IntoIterator<Item = &'a ObjectRef<WgtwoGrant>>) -> io::Result<()> {
         let keep: std::collections::HashSet<PathBuf> = alive.into_iter().map(|g| self.path(g)).collect();
         for file in fs::read_dir(&self.dir)? {
             let path = file?.path();
@@ -268,8 +264,8 @@ mod tests {
         }
     }
 
-    fn grant(name: &str) -> GrantId {
-        GrantId { namespace: "team-a".into(), name: name.into() }
+    fn grant(name: &str) -> ObjectRef<WgtwoGrant> {
+        ObjectRef::new(name).within("team-a")
     }
 
     fn mode(path: &Path) -> u32 {

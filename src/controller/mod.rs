@@ -203,7 +203,7 @@ impl Context {
     fn forget(&self, key: &ObjectRef<WgtwoGrant>) {
         self.memory.forget(key);
         if let Some(journal) = &self.shared.journal
-            && let Err(err) = journal.remove(&grant_id(key))
+            && let Err(err) = journal.remove(key)
         {
             warn!(namespace = key.namespace.as_deref().unwrap_or_default(), grant = %key.name, error = %err, "could not remove the journal entry of a deleted grant");
         }
@@ -289,7 +289,7 @@ pub async fn run(
                 let alive_keys: HashSet<_> = alive.iter().map(|g| ObjectRef::from_obj(&**g)).collect();
                 watch_ctx.memory.retain(&alive_keys);
                 if let Some(journal) = &watch_ctx.shared.journal
-                    && let Err(err) = journal.retain(&alive_keys.iter().map(grant_id).collect::<Vec<_>>())
+                    && let Err(err) = journal.retain(&alive_keys)
                 {
                     warn!(error = %err, "could not drop the journal entries of deleted grants");
                 }
@@ -371,10 +371,6 @@ pub async fn run(
 /// a later refresh's from that persisted token.
 fn publish_kept(pending: &Pending, published: Option<schedule::TokenTimes>) -> bool {
     !pending.persisted || published.is_none_or(|t| t.issued_at < pending.refreshed_at)
-}
-
-fn grant_id(key: &ObjectRef<WgtwoGrant>) -> journal::GrantId {
-    journal::GrantId { namespace: key.namespace.clone().unwrap_or_default(), name: key.name.clone() }
 }
 
 /// A Secret the operator owns for `grant` (state or target): labelled as the operator's and the
@@ -1206,7 +1202,7 @@ impl Run<'_> {
     fn journal(&self, presented: &RefreshToken, pending: &Pending, what: Journaling) {
         let Some(journal) = &self.ctx.shared.journal else { return };
         let uid = self.grant.uid().unwrap_or_default();
-        match journal.write(&journal::Entry::new(&grant_id(&self.key), &uid, presented, pending)) {
+        match journal.write(&journal::Entry::new(&self.key, &uid, presented, pending)) {
             // The crash window that remains: answer received -> journal written.
             Ok(()) if what == Journaling::Answer => {
                 info!(journal_us = pending.received.elapsed().as_micros() as u64, "refresh answer journaled")
@@ -1222,7 +1218,7 @@ impl Run<'_> {
     /// The state Secret holds the answer's refresh token: the journal entry has done its job.
     fn unjournal(&self) {
         if let Some(journal) = &self.ctx.shared.journal
-            && let Err(err) = journal.remove(&grant_id(&self.key))
+            && let Err(err) = journal.remove(&self.key)
         {
             // Harmless: replay finds the state Secret holding the token and drops the entry.
             warn!(error = %err, "could not remove the journal entry of a persisted answer");
@@ -1368,10 +1364,6 @@ fn until(now: Timestamp, at: Timestamp) -> Duration {
 mod tests {
     use super::*;
 
-    fn kept(persisted: bool, refreshed_at: Timestamp) -> Pending {
-        Pending::sample(refreshed_at, persisted)
-    }
-
     fn target(issued_at: Timestamp) -> Option<schedule::TokenTimes> {
         Some(schedule::TokenTimes { issued_at, expires_at: issued_at + SignedDuration::from_secs(3600) })
     }
@@ -1380,11 +1372,11 @@ mod tests {
     fn a_persisted_answer_never_replaces_a_target_token_issued_at_or_after_it() {
         let at: Timestamp = "2026-11-26T10:00:00Z".parse().unwrap();
         let second = SignedDuration::from_secs(1);
-        assert!(publish_kept(&kept(true, at), None));
-        assert!(publish_kept(&kept(true, at), target(at - second)));
-        assert!(!publish_kept(&kept(true, at), target(at)), "its own token, already written");
-        assert!(!publish_kept(&kept(true, at), target(at + second)), "a later refresh's token");
+        assert!(publish_kept(&Pending::sample(at, true), None));
+        assert!(publish_kept(&Pending::sample(at, true), target(at - second)));
+        assert!(!publish_kept(&Pending::sample(at, true), target(at)), "its own token, already written");
+        assert!(!publish_kept(&Pending::sample(at, true), target(at + second)), "a later refresh's token");
         // Not yet persisted: publish() must write the state Secret whatever the target holds.
-        assert!(publish_kept(&kept(false, at), target(at + second)));
+        assert!(publish_kept(&Pending::sample(at, false), target(at + second)));
     }
 }

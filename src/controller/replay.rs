@@ -14,7 +14,6 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
-use kube::runtime::reflector::ObjectRef;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -114,21 +113,16 @@ pub async fn replay(
             }
             match replay_one(client, journal, entry).await {
                 Ok(verdict) => {
-                    if matches!(verdict, Verdict::Write | Verdict::AlreadyPersisted) {
-                        let key = ObjectRef::new(&entry.name).within(&entry.namespace);
-                        replayed.answers.push((key, entry.pending()));
-                    }
-                    let counter = match verdict {
-                        Verdict::Write => &mut replayed.written,
-                        Verdict::AlreadyPersisted => &mut replayed.already_persisted,
-                        Verdict::Superseded(_) => &mut replayed.superseded,
+                    let (counter, result) = match verdict {
+                        Verdict::Write => (&mut replayed.written, "written"),
+                        Verdict::AlreadyPersisted => (&mut replayed.already_persisted, "already_persisted"),
+                        Verdict::Superseded(_) => (&mut replayed.superseded, "superseded"),
                     };
                     *counter += 1;
-                    metrics.journal_replayed(match verdict {
-                        Verdict::Write => "written",
-                        Verdict::AlreadyPersisted => "already_persisted",
-                        Verdict::Superseded(_) => "superseded",
-                    });
+                    metrics.journal_replayed(result);
+                    if !matches!(verdict, Verdict::Superseded(_)) {
+                        replayed.answers.push((entry.grant(), entry.pending()));
+                    }
                     break;
                 }
                 Err(err) if transient(&err) => {

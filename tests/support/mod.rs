@@ -432,3 +432,9 @@ impl Env {
             .await;
     }
 }
+
+/// The entry files of the journal under `--journal-dir` `root` (not its temporary files).
+pub fn journal_entries(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(files) = std::fs::read_dir(root.join("wgtwo-journal-v1")) else { return Vec::new() };
+    files.map(|f| f.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect()
+}
