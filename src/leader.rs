@@ -12,6 +12,8 @@
 //! replica takes over once it has seen the same record unchanged for `leaseDurationSeconds` on its
 //! own clock (no clock synchronisation needed). Every write carries the resourceVersion it read.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -39,6 +41,9 @@ pub struct Leadership {
     held_until: watch::Sender<Held>,
     /// Leading as last announced by the elector (for triggers; decisions use `held_until`).
     leading: watch::Sender<bool>,
+    /// Incremented each time this replica acquires the Lease (before it may send anything): what it
+    /// knew from an earlier term may have been changed by another leader in between.
+    epoch: Arc<AtomicU64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -54,12 +59,30 @@ enum Held {
 impl Leadership {
     /// Without election: this process always leads (for `--leader-elect=false`).
     pub fn always() -> Self {
-        Self { held_until: watch::Sender::new(Held::Always), leading: watch::Sender::new(true) }
+        Self {
+            held_until: watch::Sender::new(Held::Always),
+            leading: watch::Sender::new(true),
+            epoch: Arc::new(AtomicU64::new(1)),
+        }
     }
 
     /// Elected: leads only after [`LeaseElector::run`] has acquired the Lease.
     pub fn elected() -> Self {
-        Self { held_until: watch::Sender::new(Held::Until(None)), leading: watch::Sender::new(false) }
+        Self {
+            held_until: watch::Sender::new(Held::Until(None)),
+            leading: watch::Sender::new(false),
+            epoch: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The current term: changes whenever this replica (re)acquires the Lease.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// The term counter itself, for caches that mark what was learnt in which term.
+    pub fn epoch_source(&self) -> Arc<AtomicU64> {
+        self.epoch.clone()
     }
 
     /// Whether this replica holds the Lease now.
@@ -101,6 +124,10 @@ impl Leadership {
     fn set_until(&self, until: Instant) {
         self.held_until.send_if_modified(|held| match held {
             Held::Until(u) => {
+                // Not held until now: a new term, begun before anyone can see the Lease held.
+                if u.is_none_or(|u| u <= Instant::now()) {
+                    self.epoch.fetch_add(1, Ordering::SeqCst);
+                }
                 *u = Some(until);
                 true
             }
@@ -190,9 +217,9 @@ impl LeaseElector {
         Self { api: Api::namespaced(client, &config.namespace), config, leadership, recorder }
     }
 
-    /// Campaigns and renews until `cancel`, then releases the Lease if held (so a standby takes
-    /// over at once instead of after the lease duration).
-    pub async fn run(self, cancel: CancellationToken) {
+    /// Campaigns and renews until `cancel`, then releases the Lease if held and `release` is set
+    /// (so a standby takes over at once instead of after the lease duration).
+    pub async fn run(self, cancel: CancellationToken, release: Arc<std::sync::atomic::AtomicBool>) {
         let mut observed: Option<(RecordVersion, Instant)> = None;
         let mut was_leader = false;
         // Our own record of the Lease, kept after `Leadership::stop` so it can be released.
@@ -219,6 +246,10 @@ impl LeaseElector {
             }
         }
         self.leadership.stop();
+        if held_until.is_some_and(|u| u > Instant::now()) && !release.load(Ordering::SeqCst) {
+            warn!(lease = %self.config.name, "not releasing the Lease: a rotated refresh token is held only by this process; a standby takes over when the Lease expires");
+            return;
+        }
         if held_until.is_some_and(|u| u > Instant::now()) {
             match self.release().await {
                 Ok(()) => info!(lease = %self.config.name, "released the Lease"),
@@ -378,6 +409,25 @@ mod tests {
         assert!(!leadership.may_send(Duration::ZERO), "never after stop");
         leadership.set_until(Instant::now() + Duration::from_secs(10));
         assert!(!leadership.is_leader(), "stop is final");
+    }
+
+    #[test]
+    fn each_acquisition_of_the_lease_begins_a_new_term_and_renewals_do_not() {
+        let leadership = Leadership::elected();
+        let start = leadership.epoch();
+        leadership.set_until(Instant::now() + Duration::from_secs(10));
+        let first = leadership.epoch();
+        assert!(first > start);
+        leadership.set_until(Instant::now() + Duration::from_secs(11));
+        assert_eq!(leadership.epoch(), first, "a renewal is the same term");
+        leadership.give_up();
+        leadership.set_until(Instant::now() + Duration::from_secs(10));
+        assert!(leadership.epoch() > first, "won back after losing it: a new term");
+        // Lapsed without a give_up (renewals failed until it expired), then won back.
+        let second = leadership.epoch();
+        leadership.set_until(Instant::now() - Duration::from_millis(1));
+        leadership.set_until(Instant::now() + Duration::from_secs(10));
+        assert!(leadership.epoch() > second);
     }
 
     #[test]

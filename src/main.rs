@@ -156,6 +156,12 @@ struct RunArgs {
     /// grant cannot make the operator send a Secret to a server of the grant author's choosing.
     #[arg(long = "allowed-issuer", default_value = wgtwo_operator::api::DEFAULT_ISSUER_URL, value_parser = AllowedIssuer::parse)]
     allowed_issuers: Vec<AllowedIssuer>,
+    /// A label or annotation prefix (the part before '/') that a grant's target.template may set
+    /// (repeat for several; keys without a prefix are always allowed). Others are refused
+    /// (TemplateInvalid): a replicator's annotation could copy the token into a namespace the
+    /// grant's author can read.
+    #[arg(long = "template-metadata-prefix", default_values = wgtwo_operator::controller::template::DEFAULT_METADATA_PREFIXES)]
+    template_metadata_prefixes: Vec<String>,
     /// Reconciles running at once (0: unbounded). Each holds at most one refresh answer that is not
     /// yet written, so this also bounds what a crash can lose.
     #[arg(long, default_value_t = wgtwo_operator::controller::DEFAULT_CONCURRENCY)]
@@ -187,6 +193,11 @@ struct RunArgs {
     /// How often the leader renews the Lease (and a standby checks it).
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     lease_renew_period: Duration,
+    /// On SIGTERM, how long a rotated refresh token whose state Secret write failed is retried
+    /// before the process gives up and exits (keep it under the pod's termination grace period).
+    /// While one is unwritten, the Lease is not released: the standby waits for it to expire.
+    #[arg(long, default_value = "25s", value_parser = parse_duration)]
+    shutdown_timeout: Duration,
     /// Write each refresh answer to a journal in this directory before anything else, and replay
     /// it on start: a container killed after a token answer arrived and before the state Secret
     /// held its rotated refresh token keeps that grant when it restarts in the same pod. Use a
@@ -284,6 +295,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_backoff: a.max_backoff,
                 allowed_issuers: a.allowed_issuers,
                 concurrency: a.concurrency,
+                template_metadata_prefixes: a.template_metadata_prefixes,
+                shutdown_timeout: a.shutdown_timeout,
             };
             let election = a.leader_elect.then_some(Election {
                 namespace: a.leader_election_namespace,

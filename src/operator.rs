@@ -5,8 +5,11 @@
 //! process campaigns for the Lease or reconciles anything.
 //!
 //! Shutdown on SIGTERM/SIGINT: no token request starts any more; in-flight reconciles finish,
-//! including the persistence of a rotated refresh token; then the Lease is released so a standby
-//! takes over at once; the HTTP server stops last and the process exits 0.
+//! including the persistence of a rotated refresh token, and failed state writes are retried for up
+//! to `--shutdown-timeout` (the Lease is renewed meanwhile); then the Lease is released so a standby
+//! takes over at once, unless a rotated refresh token could not be persisted (the standby would
+//! present its predecessor: it waits for the Lease to expire instead); the HTTP server stops last
+//! and the process exits 0.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -62,7 +65,8 @@ impl Election {
 
 /// The operator's Kubernetes clients, from one kubeconfig.
 pub struct Clients {
-    /// Long-lived watches (kube's watcher has its own idle timeout).
+    /// Long-lived watches: each ends after [`controller::WATCH_TIMEOUT`], and a silent connection
+    /// is given up shortly after.
     pub watch: kube::Client,
     /// The reconciler's reads and writes: every request bounded in time, and at most `qps` per
     /// second when set.
@@ -75,7 +79,14 @@ pub struct Clients {
 /// rotated refresh token, a Lease renewal or a status write indefinitely. kube's default stack
 /// already retries 429 (API Priority and Fairness), 503 and 504 with backoff and Retry-After.
 pub fn clients(config: &kube::Config, api_timeout: Duration, qps: u32) -> anyhow::Result<Clients> {
-    let watch = kube::Client::try_from(config.clone())?;
+    // The apiserver ends each watch after WATCH_TIMEOUT; a connection silent for longer than that
+    // plus a margin is dead (a peer lost behind a stateful firewall, a hung apiserver) and is made
+    // again, so a dead watch cannot leave the caches stale for more than a minute.
+    let mut watch = config.clone();
+    watch.read_timeout = Some(controller::WATCH_TIMEOUT + crate::agent::SILENCE_MARGIN);
+    watch.connect_timeout = Some(api_timeout);
+    watch.reset_reader_on_write = true;
+    let watch = kube::Client::try_from(watch)?;
     let mut bounded = config.clone();
     bounded.connect_timeout = Some(api_timeout);
     bounded.read_timeout = Some(api_timeout);
@@ -142,6 +153,7 @@ pub async fn run(kube_config: kube::Config, config: RunConfig) -> anyhow::Result
     }
 
     let elector_stop = CancellationToken::new();
+    let release_lease = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let elector = match config.election {
         Some(e) => {
             let lease = LeaseConfig {
@@ -158,13 +170,18 @@ pub async fn run(kube_config: kube::Config, config: RunConfig) -> anyhow::Result
                 leadership.clone(),
                 Some(controller::recorder(lease_client.clone())),
             );
-            Some(tokio::spawn(elector.run(elector_stop.clone())))
+            Some(tokio::spawn(elector.run(elector_stop.clone(), release_lease.clone())))
         }
         None => None,
     };
 
     let result = controller::run(watch_client, client, config.controller, shared, shutdown).await;
-    // In-flight work is done: hand the Lease over, then stop serving.
+    // In-flight work is done: hand the Lease over, then stop serving. Not while a rotated refresh
+    // token is held only here: the standby would present its predecessor at once. It then takes
+    // over when the Lease expires.
+    if matches!(result, Ok(0)) {
+        release_lease.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     elector_stop.cancel();
     if let Some(elector) = elector {
         let _ = elector.await;
@@ -172,7 +189,7 @@ pub async fn run(kube_config: kube::Config, config: RunConfig) -> anyhow::Result
     leadership.stop();
     serving.cancel();
     let _ = server.await;
-    result
+    result.map(|_| ())
 }
 
 /// This replica's name in the Lease: the pod name plus a random suffix.

@@ -13,6 +13,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use support::{Env, NS, OPERATOR_NS, OPERATOR_SA, ttl};
 use wgtwo_operator::api::WgtwoGrant;
+use wgtwo_testenv::HydraOptions;
 
 /// Sets the verbs the operator's ClusterRole grants on Secrets, and waits until RBAC enforces them.
 async fn operator_secret_verbs(env: &Env, verbs: &[&str]) {
@@ -451,4 +452,202 @@ async fn after_hydra_rotates_its_id_token_signing_key_the_operator_verifies_with
         assert!(env.live_token_is_active(g).await, "{g}: the persisted refresh token is no longer active");
         assert_eq!(env.secret_value(&format!("{g}-token"), "phone_number").await.as_deref(), Some("+4799999999"));
     }
+}
+
+/// Issue 23, item 2: a grant naming another grant's state Secret as its refresh token presented the
+/// victim's live token (the victim's next refresh was then a reuse), and two grants naming one
+/// authorization Secret each started a lineage from it (one of them dies). Both are refused before
+/// any input is read, with no token request, and the victim keeps refreshing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_can_neither_read_another_grants_secrets_nor_fork_a_lineage_from_its_authorization() {
+    let mut env = Env::start(HydraOptions { recording_proxy: true, ..ttl(3600) }).await;
+    env.create_authorized_grant("victim").await;
+    let _operator = env.start_operator();
+    env.wait_ready("victim", "True", "Refreshed", Duration::from_secs(30)).await;
+    let requests = env.hydra.token_requests();
+
+    let grant = |name: &str, client: &str, token: &str, key: &str| -> WgtwoGrant {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "auth.wgtwo.com/v1alpha1", "kind": "WgtwoGrant",
+            "metadata": {"name": name},
+            "spec": {
+                "issuerUrl": env.hydra.base_url(),
+                "clientSecretRef": {"name": client},
+                "refreshTokenSecretRef": {"name": token, "key": key},
+                "target": {"secretName": format!("{name}-token")},
+            }
+        }))
+        .unwrap()
+    };
+    for g in [
+        // The victim's live refresh token, from its state Secret.
+        grant("thief", "wgtwo-client", "victim-wgtwo-state", "refresh_token"),
+        // The victim's target Secret as an OAuth client.
+        grant("peer", "victim-token", "victim-authorization", "refresh_token"),
+        // A copied manifest: the victim's authorization, a second target.
+        grant("copy", "wgtwo-client", "victim-authorization", "refresh_token"),
+    ] {
+        env.grants().create(&PostParams::default(), &g).await.unwrap();
+    }
+    env.wait_ready("thief", "False", "SecretNotAllowed", Duration::from_secs(30)).await;
+    env.wait_ready("peer", "False", "SecretNotAllowed", Duration::from_secs(30)).await;
+    env.wait_ready("copy", "False", "RefreshTokenInUse", Duration::from_secs(30)).await;
+    let env = &env;
+    let message = async |name: &str| env.status(name).await.unwrap().conditions[0].message.clone();
+    let thief = message("thief").await;
+    assert!(thief.contains("Secret victim-wgtwo-state (refreshTokenSecretRef) is written by the operator"), "{thief}");
+    let peer = message("peer").await;
+    assert!(peer.contains("Secret victim-token (clientSecretRef) is written by the operator"), "{peer}");
+    let copy = message("copy").await;
+    assert!(
+        copy.contains("Secret victim-authorization (refreshTokenSecretRef) is the authorization of grant victim"),
+        "{copy}"
+    );
+    for (name, reason) in [("thief", "SecretNotAllowed"), ("peer", "SecretNotAllowed"), ("copy", "RefreshTokenInUse")] {
+        assert!(env.events(name).await.iter().any(|(r, _)| r == reason), "{name}: no {reason} Event");
+    }
+    assert_eq!(env.hydra.token_requests(), requests, "no token request for any of them");
+    for name in ["thief", "peer", "copy"] {
+        assert!(env.secrets().get_opt(&format!("{name}-token")).await.unwrap().is_none(), "{name} got a token");
+    }
+
+    // The victim's lineage is whole: a requested refresh presents its live token, once.
+    let live = env.live_refresh_token("victim").await.unwrap();
+    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "after"}}});
+    env.grants().patch("victim", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.live_refresh_token("victim").await.as_deref() == Some(live.as_str()) {
+        assert!(Instant::now() < deadline, "the victim did not refresh");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.wait_ready("victim", "True", "Refreshed", Duration::from_secs(10)).await;
+    assert!(env.live_token_is_active("victim").await);
+    assert_eq!(env.hydra.recording_proxy().refresh_tokens_presented_twice(), Vec::<String>::new());
+}
+
+/// Issue 23, item 3: the watch client had no read timeout and no keepalive, so a watch connection
+/// that died silently (a peer lost behind a stateful firewall) left the caches stale for good while
+/// the Lease client reconnected and the process went on leading. Now the apiserver ends each watch
+/// after 50 s and a connection silent for 60 s is made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_connection_that_dies_silently_is_noticed_and_made_again_within_a_minute() {
+    let mut env = Env::start(ttl(3600)).await;
+    env.create_authorized_grant("alice").await;
+    let proxy =
+        wgtwo_testenv::TcpProxy::start(env.cp.url().trim_start_matches("https://").parse().unwrap()).await.unwrap();
+    let kubeconfig = env.operator_kubeconfig_through(proxy.port());
+    let (operator, _) = env.start_operator_using(&[], &kubeconfig);
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+
+    // Every connection open now (the watches among them) forwards nothing more and is never closed;
+    // new connections work.
+    proxy.blackhole_open_connections();
+    let silenced = Instant::now();
+    // A change that only the grant watch brings.
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "after-silence"}}});
+    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while env.status("alice").await.and_then(|s| s.refresh_request_handled).as_deref() != Some("after-silence") {
+        assert!(
+            Instant::now() < deadline,
+            "the operator never saw the change through its dead watch; log:\n{}",
+            operator.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let noticed = silenced.elapsed();
+    println!("a silently dead watch was replaced and the change acted on {:.1}s later", noticed.as_secs_f64());
+    assert!(noticed < Duration::from_secs(75), "{noticed:?}");
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(10)).await;
+    assert!(env.live_token_is_active("alice").await);
+}
+
+/// Issue 23, item 4: at SIGTERM the controller stopped at once and released the Lease, dropping an
+/// answer whose state write was failing: the standby led at its next tick and presented the
+/// rotated-away token (a reuse: Hydra revokes the family). Now the write is retried until
+/// `--shutdown-timeout`, and the Lease is handed over only once no rotated token is held only here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_retrying_a_failed_state_write_and_hands_the_lease_over_only_once_it_landed() {
+    const ALL: &[&str] = &["get", "list", "watch", "create", "update"];
+    let mut env = Env::start(HydraOptions { recording_proxy: true, ..ttl(3600) }).await;
+    env.create_authorized_grant("alice").await;
+    let (mut leader, _) = env.start_operator_with(&["--shutdown-timeout", "20s"]);
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+    let (standby, standby_port) = env.start_operator_with(&[]);
+    support::scrape(standby_port).await;
+    let persisted = env.live_refresh_token("alice").await.unwrap();
+
+    // The leader refreshes, and cannot write the rotated token.
+    operator_secret_verbs(&env, &["get", "list", "watch"]).await;
+    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "doomed"}}});
+    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while log_count(&leader, "could not persist the rotated refresh token") == 0 {
+        assert!(Instant::now() < deadline, "no failed state write; log:\n{}", leader.log_tail(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // SIGTERM now; the apiserver lets the write through again 3 s later.
+    let sent = Instant::now();
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = leader.terminate(Duration::from_secs(30)).unwrap();
+        (status, leader)
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    operator_secret_verbs(&env, ALL).await;
+    let (status, leader) = exit.await.unwrap();
+    let took = sent.elapsed();
+    println!("SIGTERM with an unwritten rotated token: exited {status} after {:.1}s", took.as_secs_f64());
+    assert!(status.success(), "{status}");
+    assert!(took > Duration::from_secs(3), "exited before the write could land");
+    let log = std::fs::read_to_string(leader.log_path()).unwrap();
+    assert!(log.contains("released the Lease"), "{}", leader.log_tail(20));
+    let live = env.live_refresh_token("alice").await.unwrap();
+    assert_ne!(live, persisted, "the rotated token was not written");
+    assert!(env.active(&live).await, "the written token is not the live one");
+
+    // The standby leads and continues the lineage from it.
+    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "after"}}});
+    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.status("alice").await.and_then(|s| s.refresh_request_handled).as_deref() != Some("after") {
+        assert!(
+            Instant::now() < deadline,
+            "the standby did not refresh; {:?}\n{}",
+            env.ready("alice").await,
+            standby.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(10)).await;
+    assert!(env.live_token_is_active("alice").await);
+    assert_eq!(env.hydra.recording_proxy().refresh_tokens_presented_twice(), Vec::<String>::new());
+}
+
+/// The other half of item 4: when the write cannot land before the shutdown timeout, the Lease is
+/// not released (the standby would present the rotated-away token at once); it expires instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_rotated_token_that_cannot_be_written_leaves_the_lease_to_expire() {
+    let mut env = Env::start(HydraOptions { recording_proxy: true, ..ttl(3600) }).await;
+    env.create_authorized_grant("alice").await;
+    let (mut leader, _) = env.start_operator_with(&["--shutdown-timeout", "2s"]);
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+    operator_secret_verbs(&env, &["get", "list", "watch"]).await;
+    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "doomed"}}});
+    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while log_count(&leader, "could not persist the rotated refresh token") == 0 {
+        assert!(Instant::now() < deadline, "no failed state write; log:\n{}", leader.log_tail(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = tokio::task::block_in_place(|| leader.terminate(Duration::from_secs(20))).unwrap();
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(leader.log_path()).unwrap();
+    assert!(log.contains("not releasing the Lease"), "{}", leader.log_tail(20));
+    assert!(!log.contains("released the Lease"), "{}", leader.log_tail(20));
+    use k8s_openapi::api::coordination::v1::Lease;
+    let lease = Api::<Lease>::namespaced(env.kube.clone(), OPERATOR_NS).get("wgtwo-operator").await.unwrap();
+    let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    assert!(holder.starts_with("operator-1_"), "the Lease still names the stopped leader: {holder:?}");
 }

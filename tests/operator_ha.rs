@@ -277,3 +277,81 @@ async fn sigterm_during_a_refresh_waits_for_the_answer_persists_the_rotated_toke
     assert_eq!(env.secret_value("slow-token", "access_token").await.as_deref(), Some("stub-access-0"));
     assert_eq!(stub.token_requests(), 1);
 }
+
+/// Issue 23, item 1: leader A's state write outlives its budget on a slow apiserver but lands; A
+/// loses the Lease; B refreshes from what A wrote (R1 -> R2). A still keeps its answer (R1) as
+/// unwritten, and its retry used to write R1 over R2 at whatever version its cache showed: B's next
+/// refresh then presented R1 again and Hydra revoked the family. A kept answer is now written only
+/// while a consistent read shows the state still holding the token it rotated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_the_lease_never_writes_its_kept_answer_over_a_newer_refresh_token() {
+    let mut env = Env::start(HydraOptions { recording_proxy: true, ..Default::default() }).await;
+    env.create_authorized_grant("alice").await;
+    let slow =
+        wgtwo_testenv::TcpProxy::start(env.cp.url().trim_start_matches("https://").parse().unwrap()).await.unwrap();
+    let kubeconfig = env.operator_kubeconfig_through(slow.port());
+    let (process, port) = env.start_operator_using(&[], &kubeconfig);
+    let a = Replica { name: "A", process, port };
+    a.wait_leads(Duration::from_secs(10)).await;
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+    let (process, port) = env.start_operator_with(&[]);
+    let b = Replica { name: "B", process, port };
+    scrape(b.port).await;
+    let r0 = env.live_refresh_token("alice").await.unwrap();
+
+    // A refreshes; while Hydra's answer is on its way, A's apiserver turns slow for 25 s: A's state
+    // write lands at once, its answer comes after A gave up on it (5 s), and A's Lease lapses.
+    let hydra = env.hydra.recording_proxy();
+    hydra.hold_token_answers(Duration::from_millis(1500));
+    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "one"}}});
+    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hydra.token_requests_in_flight() == 0 {
+        assert!(Instant::now() < deadline, "A sent no token request");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    slow.stall_answers(Duration::from_secs(25));
+    hydra.hold_token_answers(Duration::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r1 = loop {
+        match env.live_refresh_token("alice").await {
+            Some(t) if t != r0 => break t,
+            _ => assert!(Instant::now() < deadline, "A's state write did not land"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // B leads once A's Lease lapses, and refreshes (the request is not handled yet) from R1.
+    b.wait_leads(LEASE * 2).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let r2 = loop {
+        match env.live_refresh_token("alice").await {
+            Some(t) if t != r1 => break t,
+            _ => assert!(Instant::now() < deadline, "B did not refresh"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!a.leads().await, "A still leads");
+
+    // A's apiserver recovers; whatever A retries must leave R2 in place.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let log = a.process.log_path().to_owned();
+    while !std::fs::read_to_string(&log).unwrap().contains("superseded before it could be written") {
+        assert_eq!(env.live_refresh_token("alice").await.as_deref(), Some(r2.as_str()), "A wrote over B's refresh");
+        assert!(Instant::now() < deadline, "A never dropped its kept answer; log:\n{}", a.process.log_tail(30));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.live_refresh_token("alice").await.as_deref(), Some(r2.as_str()), "A wrote over B's refresh");
+
+    // B's next refresh presents R2: the lineage is whole, and no token was presented twice.
+    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "two"}}});
+    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.status("alice").await.and_then(|s| s.refresh_request_handled).as_deref() != Some("two") {
+        assert!(Instant::now() < deadline, "B did not refresh again; {:?}", env.ready("alice").await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(10)).await;
+    assert!(env.live_token_is_active("alice").await);
+    assert_eq!(hydra.refresh_tokens_presented_twice(), Vec::<String>::new());
+}

@@ -46,7 +46,7 @@ async fn labels_annotations_and_rendered_keys_follow_every_refresh_and_template_
     let mut env = Env::start(ttl(12)).await;
     let refresh_token = env.authorize("alice").await;
     let t = template(
-        &[("example.com/team", "team-a")],
+        &[("app.kubernetes.io/part-of", "team-a")],
         &[("reloader.stakater.com/match", "true")],
         &[
             ("authorization", "{{ token_type }} {{ access_token }}"),
@@ -74,7 +74,7 @@ async fn labels_annotations_and_rendered_keys_follow_every_refresh_and_template_
     let first = target(&env, "alice").await;
     let first_token = check(&first);
     let labels = first.metadata.labels.clone().unwrap();
-    assert_eq!(labels["example.com/team"], "team-a");
+    assert_eq!(labels["app.kubernetes.io/part-of"], "team-a");
     assert_eq!(labels["app.kubernetes.io/managed-by"], "wgtwo-operator", "the operator's labels stay");
     assert_eq!(first.metadata.annotations.as_ref().unwrap()["reloader.stakater.com/match"], "true");
 
@@ -118,7 +118,7 @@ async fn labels_annotations_and_rendered_keys_follow_every_refresh_and_template_
     assert_eq!(text(&applied, "authorization"), None, "keys the template no longer has are gone");
     let labels = applied.metadata.labels.clone().unwrap();
     assert_eq!(labels.get("tier").map(String::as_str), Some("backend"));
-    assert!(!labels.contains_key("example.com/team"), "{labels:?}");
+    assert!(!labels.contains_key("app.kubernetes.io/part-of"), "{labels:?}");
     assert!(!applied.metadata.annotations.as_ref().unwrap().contains_key("reloader.stakater.com/match"));
     assert_eq!(env.hydra.token_requests(), requests, "no token request to apply a template");
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(5)).await;
@@ -193,4 +193,83 @@ async fn a_broken_template_is_refused_at_apply_time_or_is_a_condition_while_the_
     assert_eq!(text(&applied, "authorization").unwrap(), format!("Bearer {token}"));
     assert_eq!(applied.metadata.labels.unwrap()["team"], "b");
     assert_eq!(env.hydra.token_requests(), requests);
+}
+
+/// The attack of issue 23: one template that fails for some tokens and not for others turns each
+/// grant's status into an oracle on its token (a character per edit, for an author who may not read
+/// Secrets). The template engine never sees the token, so every grant ends the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_with_one_template_and_different_tokens_get_identical_status_and_events() {
+    const GRANTS: usize = 10;
+    let mut env = Env::start(ttl(3600)).await;
+    // Splits Hydra's random tokens (base64url after `ory_at_`) 38:26: on a template engine that sees
+    // the token, all ten grants would end alike only by a chance of 1 in 190.
+    let oracle =
+        template(&[], &[], &[("probe", "{% if access_token[9] < 'a' %}{{ access_token | int }}{% endif %}ok")]);
+    let names: Vec<String> = (0..GRANTS).map(|i| format!("g{i}")).collect();
+    for name in &names {
+        let refresh_token = env.authorize(name).await;
+        env.create_grant(name, &refresh_token, |spec| spec.target.template = Some(oracle.clone())).await;
+    }
+    // And an annotation that would have a replicator copy the target into another namespace.
+    let replicate = template(&[], &[("replicator.v1.mittwald.de/replicate-to", "mallory")], &[]);
+    let refresh_token = env.authorize("copied").await;
+    env.create_grant("copied", &refresh_token, |spec| spec.target.template = Some(replicate.clone())).await;
+    // One reconcile at a time: Hydra on SQLite answers some concurrent token requests with a 500,
+    // whose retry Events would differ between grants for reasons unrelated to templates.
+    let (_operator, _) = env.start_operator_with(&["--concurrency", "1"]);
+
+    for name in &names {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while env.status(name).await.and_then(|s| s.expires_at).is_none() {
+            assert!(Instant::now() < deadline, "{name} got no token");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // The Events of the last reconciles are written after their status.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut seen = Vec::new();
+    for name in &names {
+        let status = env.status(name).await.unwrap();
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap().clone();
+        let token = text(&target(&env, name).await, "access_token").unwrap();
+        let own = |s: &str| {
+            s.replace(&format!("{name}-token"), "TARGET")
+                .replace(&status.expires_at.as_ref().unwrap().0.to_string(), "EXPIRY")
+        };
+        let mut events: Vec<String> =
+            env.events(name).await.into_iter().map(|(reason, note)| format!("{reason}: {}", own(&note))).collect();
+        events.sort();
+        seen.push((name.clone(), token, ready.status, ready.reason, own(&ready.message), events));
+    }
+    let tokens: std::collections::BTreeSet<_> = seen.iter().map(|s| &s.1).collect();
+    assert_eq!(tokens.len(), GRANTS, "each grant has its own token");
+    for s in &seen[1..] {
+        assert_eq!(
+            (&s.2, &s.3, &s.4, &s.5),
+            (&seen[0].2, &seen[0].3, &seen[0].4, &seen[0].5),
+            "{} differs from {}",
+            s.0,
+            seen[0].0
+        );
+    }
+    assert_eq!((seen[0].2.as_str(), seen[0].3.as_str()), ("True", "Refreshed"), "{seen:?}");
+    for (name, token, ..) in &seen {
+        assert_eq!(text(&target(&env, name).await, "probe").as_deref(), Some("ok"), "{name}");
+        assert!(env.active(token).await);
+    }
+
+    env.wait_ready("copied", "False", "TemplateInvalid", Duration::from_secs(30)).await;
+    let message = env.status("copied").await.unwrap().conditions[0].message.clone();
+    assert!(
+        message.contains(
+            "annotations[replicator.v1.mittwald.de/replicate-to]: the prefix replicator.v1.mittwald.de is not allowed"
+        ),
+        "{message}"
+    );
+    let copied = target(&env, "copied").await;
+    assert!(
+        !copied.metadata.annotations.unwrap_or_default().contains_key("replicator.v1.mittwald.de/replicate-to"),
+        "the refused annotation is not written"
+    );
 }

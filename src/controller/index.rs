@@ -1,6 +1,10 @@
 //! Which grants read which Secret (client and refresh-token Secrets), so a Secret event finds its
 //! grants by a lookup instead of a scan of every grant (which made each Secret event cost
 //! O(grants)). The operator's own Secrets name their grant in a label and need no index.
+//!
+//! It also tells which grant a refresh-token Secret belongs to when several name it: one refresh
+//! token can start one lineage only (each refresh rotates it, and a second presentation is a
+//! reuse that revokes the family), so the oldest grant uses it and the others are refused.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -21,6 +25,8 @@ struct Inner {
     users: HashMap<Key, Vec<Arc<str>>>,
     /// Grant name (`namespace/name`) -> the Secrets it was indexed under.
     secrets: HashMap<Arc<str>, Box<[Key]>>,
+    /// Refresh-token Secret -> the grants naming it, by (creation time, name): the first uses it.
+    token_users: HashMap<Key, Vec<(i64, Arc<str>)>>,
 }
 
 /// The Secrets a grant reads, all in its namespace: the client's, and a subscriber's refresh token.
@@ -37,7 +43,8 @@ pub fn secrets_of(grant: &WgtwoGrant) -> Box<[Key]> {
 impl SecretIndex {
     /// Indexes a grant as it is now (its spec may have changed).
     pub fn upsert(&self, grant: &WgtwoGrant) {
-        let grant_key = key(&grant.namespace().unwrap_or_default(), &grant.name_any());
+        let ns = grant.namespace().unwrap_or_default();
+        let grant_key = key(&ns, &grant.name_any());
         let now = secrets_of(grant);
         let mut inner = self.inner.write().unwrap();
         if inner.secrets.get(grant_key.as_str()) == Some(&now) {
@@ -51,7 +58,22 @@ impl SecretIndex {
                 users.push(grant_key.clone());
             }
         }
+        if let Some(token) = &grant.spec.refresh_token_secret_ref {
+            let created = grant.metadata.creation_timestamp.as_ref().map_or(i64::MAX, |t| t.0.as_second());
+            let users = inner.token_users.entry(key(&ns, &token.name)).or_default();
+            let entry = (created, grant_key.clone());
+            let at = users.partition_point(|u| *u < entry);
+            users.insert(at, entry);
+        }
         inner.secrets.insert(grant_key, now);
+    }
+
+    /// The grants (in `namespace`) naming the refresh-token Secret, with their creation times
+    /// (whole seconds).
+    pub fn token_users(&self, namespace: &str, secret: &str) -> Vec<(i64, String)> {
+        let inner = self.inner.read().unwrap();
+        let users = inner.token_users.get(&key(namespace, secret)).into_iter().flatten();
+        users.map(|(created, g)| (*created, g[namespace.len() + 1..].to_owned())).collect()
     }
 
     pub fn remove(&self, grant: &WgtwoGrant) {
@@ -76,6 +98,16 @@ impl SecretIndex {
     }
 }
 
+/// Of the grants naming one refresh-token Secret (`users`, from [`SecretIndex::token_users`]),
+/// the one that uses it: the oldest; within the same second (creation times have no finer grain),
+/// one that has begun its lineage already (`has_state`), then by name.
+pub fn token_user(users: &[(i64, String)], has_state: impl Fn(&str) -> bool) -> Option<&str> {
+    users
+        .iter()
+        .min_by_key(|(created, name)| (*created, !has_state(name), name.as_str()))
+        .map(|(_, name)| name.as_str())
+}
+
 impl Inner {
     fn remove(&mut self, grant_key: &str) {
         let Some(old) = self.secrets.remove(grant_key) else { return };
@@ -84,6 +116,12 @@ impl Inner {
                 users.retain(|u| &**u != grant_key);
                 if users.is_empty() {
                     self.users.remove(secret);
+                }
+            }
+            if let Some(users) = self.token_users.get_mut(secret) {
+                users.retain(|(_, u)| &**u != grant_key);
+                if users.is_empty() {
+                    self.token_users.remove(secret);
                 }
             }
         }
@@ -142,5 +180,51 @@ mod tests {
         index.upsert(&product);
         assert_eq!(index.grants_using("ns", "client"), ["c", "p"]);
         assert!(index.grants_using("ns", "p-authorization").is_empty());
+    }
+
+    #[test]
+    fn of_grants_naming_one_refresh_token_secret_the_oldest_uses_it_until_it_goes() {
+        let at = |grant: &mut WgtwoGrant, second: i64| {
+            grant.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::from_second(second).unwrap(),
+            ));
+        };
+        let shared = |name: &str, second: i64| {
+            let mut g = grant(name, "client");
+            g.spec.refresh_token_secret_ref.as_mut().unwrap().name = "alice-authorization".into();
+            at(&mut g, second);
+            g
+        };
+        let index = SecretIndex::default();
+        let user = |secret: &str| {
+            let users = index.token_users("ns", secret);
+            token_user(&users, |_| false).map(str::to_owned)
+        };
+        index.upsert(&shared("copy", 20));
+        assert_eq!(user("alice-authorization").as_deref(), Some("copy"));
+        let (alice, zed) = (shared("alice", 10), shared("zed", 10));
+        index.upsert(&zed);
+        index.upsert(&alice);
+        assert_eq!(user("alice-authorization").as_deref(), Some("alice"), "oldest, then by name");
+        index.remove(&alice);
+        assert_eq!(user("alice-authorization").as_deref(), Some("zed"));
+        // Pointing elsewhere frees it.
+        let mut moved = zed.clone();
+        moved.spec.refresh_token_secret_ref.as_mut().unwrap().name = "zed-authorization".into();
+        index.upsert(&moved);
+        assert_eq!(user("alice-authorization").as_deref(), Some("copy"));
+        assert_eq!(user("zed-authorization").as_deref(), Some("zed"));
+        assert_eq!(user("client"), None, "a client Secret is shared freely");
+        index.rebuild([&shared("copy", 20)]);
+        assert_eq!(user("zed-authorization"), None);
+    }
+
+    #[test]
+    fn within_one_second_the_grant_that_began_its_lineage_keeps_the_refresh_token() {
+        let users = [(10, "copy".to_owned()), (10, "victim".to_owned())];
+        assert_eq!(token_user(&users, |g| g == "victim"), Some("victim"), "a copy made in the same second");
+        assert_eq!(token_user(&users, |_| false), Some("copy"), "neither began: by name");
+        let older = [(9, "copy".to_owned()), (10, "victim".to_owned())];
+        assert_eq!(token_user(&older, |g| g == "victim"), Some("copy"), "an older grant first, whatever it did");
     }
 }

@@ -93,6 +93,8 @@ impl Entry {
     /// The answer as the controller keeps it, its refresh token persisted (replay wrote it).
     pub fn pending(&self) -> Pending {
         Pending {
+            uid: self.uid.clone(),
+            presented_sha256: self.presented_sha256.clone(),
             refresh_token: RefreshToken::new(self.refresh_token.clone()),
             source: self.source.clone(),
             source_version: self.source_version.clone(),
@@ -240,6 +242,8 @@ mod tests {
 
     fn pending(refresh: &str, access: &str) -> Pending {
         Pending {
+            uid: "uid-1".into(),
+            presented_sha256: lineage::sha256_hex(&["presented"]),
             refresh_token: RefreshToken::new(refresh.into()),
             source: lineage::sha256_hex(&["user-token"]),
             source_version: Some("41".into()),

@@ -25,6 +25,11 @@ use crate::oauth::{OAuthError, TokenSet, WgtwoClient};
 /// A refresh answer not yet fully published.
 #[derive(Clone)]
 pub struct Pending {
+    /// The grant object the answer is for.
+    pub uid: String,
+    /// sha256 of the refresh token that was presented: a retried state write applies only while
+    /// the state Secret still holds that one.
+    pub presented_sha256: String,
     pub refresh_token: RefreshToken,
     /// Fingerprint of the user's refresh token the lineage started from.
     pub source: String,
@@ -37,6 +42,18 @@ pub struct Pending {
     pub received: Instant,
     /// The state Secret holds `refresh_token`; what remains is the target Secret and the status.
     pub persisted: bool,
+}
+
+impl Pending {
+    /// What [`super::replay::verdict`] decides on.
+    pub fn answer(&self) -> super::replay::Answer<'_> {
+        super::replay::Answer {
+            uid: &self.uid,
+            presented_sha256: &self.presented_sha256,
+            refresh_token: self.refresh_token.secret(),
+            source: &self.source,
+        }
+    }
 }
 
 /// The last failed token request as this process wrote it to the status; the watch cache can show
@@ -105,6 +122,16 @@ impl Memory {
         self.update_gauges(&grants);
     }
 
+    /// The kept answer will never be published (something newer took its place): forget it.
+    pub fn superseded(&self, key: &ObjectRef<WgtwoGrant>) {
+        let mut grants = self.grants.lock().unwrap();
+        if let Some(m) = grants.get_mut(key) {
+            m.pending = None;
+        }
+        self.mark(key, false);
+        self.update_gauges(&grants);
+    }
+
     /// The kept answer is fully published (state, target, status): forget it, and any failure.
     pub fn published(&self, key: &ObjectRef<WgtwoGrant>) {
         let mut grants = self.grants.lock().unwrap();
@@ -161,6 +188,11 @@ impl Memory {
             .filter(|(_, m)| m.pending.as_ref().is_some_and(|p| !p.persisted))
             .map(|(k, _)| format!("{}/{}", k.namespace.as_deref().unwrap_or_default(), k.name))
             .collect()
+    }
+
+    /// The grants whose kept answer is not in the state Secret yet.
+    pub fn unpersisted_keys(&self) -> Vec<ObjectRef<WgtwoGrant>> {
+        self.unpersisted.lock().unwrap().iter().cloned().collect()
     }
 
     /// The delay before retrying a reconcile that failed on the Kubernetes API.
@@ -296,6 +328,8 @@ impl Pending {
     /// An answer (refresh token `rt`, access token `at`) for unit tests.
     pub fn sample(refreshed_at: Timestamp, persisted: bool) -> Self {
         Self {
+            uid: "uid".into(),
+            presented_sha256: "presented".into(),
             refresh_token: RefreshToken::new("rt".into()),
             source: "s".into(),
             source_version: None,

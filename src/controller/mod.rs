@@ -77,6 +77,14 @@ const DEFAULT_LIFETIME: SignedDuration = SignedDuration::from_secs(3600);
 /// abandoned (the answer stays in memory, the write is retried) when it takes longer.
 pub const PERSIST_BUDGET: Duration = Duration::from_secs(5);
 
+/// How long the apiserver keeps one watch open (kube's default is 290 s): with the watch client's
+/// read timeout just above it, a watch connection that died silently is noticed within a minute.
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(50);
+
+fn watch_config() -> watcher::Config {
+    watcher::Config::default().timeout(WATCH_TIMEOUT.as_secs() as u32)
+}
+
 /// Default of `--concurrency`; see the README for the measurement behind it.
 pub const DEFAULT_CONCURRENCY: u16 = 16;
 /// Default of `--kube-api-qps`: above what 16 reconciles send at full speed against the benchmark's
@@ -96,6 +104,11 @@ pub struct Options {
     /// Reconciles running at once (0: unbounded). Bounds the refresh answers waiting for their
     /// state write, and so what a crash can lose.
     pub concurrency: u16,
+    /// The label and annotation prefixes a target template may set (see [`template::compile`]).
+    pub template_metadata_prefixes: Vec<String>,
+    /// After shutdown begins, how long kept answers whose state write failed are retried (until
+    /// the pod's termination grace period would end).
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Options {
@@ -108,6 +121,8 @@ impl Default for Options {
             max_backoff: Duration::from_secs(5 * 60),
             allowed_issuers: vec![AllowedIssuer::parse(DEFAULT_ISSUER_URL).expect("the default issuer is a URL")],
             concurrency: DEFAULT_CONCURRENCY,
+            template_metadata_prefixes: template::DEFAULT_METADATA_PREFIXES.iter().map(|p| p.to_string()).collect(),
+            shutdown_timeout: Duration::from_secs(25),
         }
     }
 }
@@ -176,6 +191,8 @@ pub struct Context {
     cache: Arc<SecretCache>,
     /// Product tokens, shared by the grants with the same issuer, client and scope.
     products: product::ProductTokens,
+    /// Which grants read which Secret.
+    index: Arc<SecretIndex>,
 }
 
 impl Context {
@@ -186,13 +203,14 @@ impl Context {
         shared: Shared,
         grants: reflector::Store<WgtwoGrant>,
         cache: Arc<SecretCache>,
+        index: Arc<SecretIndex>,
     ) -> Self {
         let recorder = recorder(client.clone());
         let memory = Memory::new(shared.metrics.clone());
         for (key, pending) in std::mem::take(&mut *shared.replayed.lock().unwrap()) {
             memory.keep(&key, pending);
         }
-        Self { client, recorder, options, shared, memory, grants, cache, products: Default::default() }
+        Self { client, recorder, options, shared, memory, grants, cache, products: Default::default(), index }
     }
 
     fn api_backoff(&self, key: &ObjectRef<WgtwoGrant>) -> Duration {
@@ -224,15 +242,19 @@ pub fn recorder(client: kube::Client) -> Recorder {
 }
 
 /// Runs the controller until `shutdown`; then no reconcile starts and in-flight ones (including
-/// the persistence of a rotated refresh token) finish before this returns. `watch_client` serves
-/// the long-lived watches; `api_client` every other request (it should have timeouts).
+/// the persistence of a rotated refresh token) finish, and answers whose state write failed are
+/// retried for up to `options.shutdown_timeout`. Returns how many rotated refresh tokens are still
+/// held only by this process (the Lease must then not be released: a standby would present their
+/// predecessors). `watch_client` serves the long-lived watches; `api_client` every other request
+/// (it should have timeouts).
 pub async fn run(
     watch_client: kube::Client,
     api_client: kube::Client,
     options: Options,
     shared: Shared,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
+    let shutdown_timeout = options.shutdown_timeout;
     // Api<PartialObjectMeta<_>> asks for metadata only: nobody's Secret data is sent for it.
     let (grants, secrets, secrets_meta): (Api<WgtwoGrant>, Api<Secret>, Api<PartialObjectMeta<Secret>>) =
         match &options.namespace {
@@ -247,9 +269,9 @@ pub async fn run(
     info!(allowed_issuers = ?allowed, "credentials are sent only to these identity services");
     let concurrency = options.concurrency;
     let (store, writer) = reflector::store();
-    let cache = SecretCache::new();
+    let cache = SecretCache::new(shared.leadership.epoch_source());
     let index = Arc::new(SecretIndex::default());
-    let ctx = Arc::new(Context::new(api_client, options, shared.clone(), store.clone(), cache.clone()));
+    let ctx = Arc::new(Context::new(api_client, options, shared.clone(), store.clone(), cache.clone(), index.clone()));
     let watch_ctx = ctx.clone();
     let metrics = shared.metrics.clone();
     let reader = store.clone();
@@ -266,7 +288,7 @@ pub async fn run(
     };
     let grant_index = index.clone();
     let grants_done = mark_synced.clone();
-    let grant_changes = watcher(grants, watcher::Config::default())
+    let grant_changes = watcher(grants, watch_config())
         .default_backoff()
         .modify(secret_cache::strip_grant)
         .reflect(writer)
@@ -308,7 +330,7 @@ pub async fn run(
     // Every Secret as metadata only (no data, no managedFields): whether it exists, its version
     // and owner. The operator never caches the data of anyone's Secrets.
     let (meta_cache, meta_done) = (cache.clone(), mark_synced.clone());
-    let secret_changes = watcher(secrets_meta, watcher::Config::default())
+    let secret_changes = watcher(secrets_meta, watch_config())
         .default_backoff()
         .modify(secret_cache::strip)
         .inspect_ok(move |event| {
@@ -326,7 +348,7 @@ pub async fn run(
     // The operator's own Secrets (state and target) with their data, kept as the few keys it reads.
     let (owned_cache, owned_done) = (cache.clone(), mark_synced);
     let own_writes = cache.clone();
-    let owned_changes = watcher(secrets, watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}")))
+    let owned_changes = watcher(secrets, watch_config().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}")))
         .default_backoff()
         .modify(secret_cache::strip)
         .inspect_ok(move |event| {
@@ -356,6 +378,7 @@ pub async fn run(
             }
         })
         .await;
+    persist_kept(&ctx, tokio::time::Instant::now() + shutdown_timeout).await;
     let lost = ctx.memory.unpersisted();
     if !lost.is_empty() && ctx.shared.journal.is_some() {
         error!(grants = ?lost, "stopped with rotated refresh tokens that could not be persisted; the journal keeps them, and a restart in this pod writes them to the state Secrets");
@@ -363,7 +386,38 @@ pub async fn run(
         error!(grants = ?lost, "stopped with rotated refresh tokens that could not be persisted; these grants need re-authorization unless the identity service has a rotation grace period");
     }
     info!("controller stopped");
-    Ok(())
+    Ok(lost.len())
+}
+
+/// At shutdown: retries the state writes of kept answers (each decided afresh by
+/// [`Run::confirm_kept`]) until none is left or `deadline`.
+async fn persist_kept(ctx: &Arc<Context>, deadline: tokio::time::Instant) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let keys = ctx.memory.unpersisted_keys();
+        if keys.is_empty() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(grants = keys.len(), "shutdown: the time for persisting kept refresh answers is up");
+            return;
+        }
+        info!(grants = keys.len(), "shutdown: retrying the state writes of kept refresh answers");
+        for key in keys {
+            let result = match ctx.grants.get(&key) {
+                Some(grant) => tokio::time::timeout_at(deadline, reconcile(grant, ctx.clone())).await,
+                None => {
+                    ctx.forget(&key);
+                    continue;
+                }
+            };
+            if let Ok(Err(err)) = result {
+                debug!(grant = %key.name, error = %err, "shutdown: state write still failing");
+            }
+        }
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + delay)).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
 }
 
 /// Whether a kept answer still goes to the target Secret. Once its refresh token is persisted,
@@ -450,7 +504,7 @@ async fn reconcile(grant: Arc<WgtwoGrant>, ctx: Arc<Context>) -> Result<Action, 
         secrets: Api::namespaced(ctx.client.clone(), &ns),
         grants: Api::namespaced(ctx.client.clone(), &ns),
         ns,
-        template: template::compile(grant.spec.target.template.as_ref()),
+        template: template::compile(grant.spec.target.template.as_ref(), &ctx.options.template_metadata_prefixes),
     };
     let result = run.reconcile().await;
     // Deleted while this reconcile ran: the watch has forgotten it already, and what this
@@ -469,8 +523,24 @@ impl Run<'_> {
     async fn reconcile(&self) -> Result<Action, Error> {
         // An answer that could not be published goes first: never refresh past it. It stays kept
         // until every write succeeded, whatever fails here.
-        if let Some(pending) = self.ctx.memory.pending(&self.key) {
-            let state = self.owned(&self.state_name()).await?;
+        if let Some(mut pending) = self.ctx.memory.pending(&self.key) {
+            let state = match pending.persisted {
+                true => self.owned(&self.state_name()).await?,
+                // A write of it failed: it may have landed after all, and another replica or
+                // process may have moved the lineage on since. Only a consistent read tells.
+                false => match self.confirm_kept(&pending).await? {
+                    Some(state) => state,
+                    None => return Ok(Action::requeue(Duration::from_millis(200))),
+                },
+            };
+            if let Some(s) = &state
+                && lineage::decode(s.data.as_ref().unwrap_or(&BTreeMap::new()))
+                    .is_some_and(|s| s.refresh_token.secret() == pending.refresh_token.secret())
+            {
+                pending.persisted = true;
+                self.ctx.memory.persisted(&self.key);
+                self.unjournal();
+            }
             let target = self.owned(&self.grant.spec.target.secret_name).await?;
             let published = target.as_ref().and_then(target::published_token);
             if !publish_kept(&pending, published) {
@@ -497,6 +567,11 @@ impl Run<'_> {
         }
 
         let spec = &self.grant.spec;
+        // Before any input is read: never another grant's Secrets, never a refresh token that an
+        // older grant's lineage started from.
+        if let Some(problem) = self.foreign_input() {
+            return self.input_problem(problem.reason, problem.message).await;
+        }
         let client = self.read(&spec.client_secret_ref.name, inputs::CLIENT_KEYS).await?;
         let inputs = match inputs::client(client.as_ref(), &spec.client_secret_ref.name) {
             Ok(inputs) => inputs,
@@ -560,6 +635,73 @@ impl Run<'_> {
                 self.refresh(&inputs, chosen, fingerprint, why, state_secret, target_secret, published).await
             }
         }
+    }
+
+    /// For a kept answer whose state write failed: the state Secret as stored now, if the answer
+    /// still belongs in it (or is in it already: its write landed after all); `None` when something
+    /// newer took its place (another leader refreshed from what the failed write left, the grant was
+    /// recreated, the subscriber authorized again): the answer is dropped, never written over it.
+    async fn confirm_kept(&self, pending: &Pending) -> Result<Option<Option<Secret>>, Error> {
+        let stored = self.secrets.get_opt(&self.state_name()).await?;
+        let state = stored.as_ref().and_then(|s| s.data.as_ref()).and_then(lineage::decode);
+        let uid = self.grant.uid();
+        let seen = replay::Seen {
+            grant_uid: uid.as_deref(),
+            state_foreign: stored.as_ref().is_some_and(|s| !self.owns(s)),
+            state: state.as_ref(),
+            user_token_sha256: None,
+        };
+        match replay::verdict(&pending.answer(), &seen) {
+            replay::Verdict::Write | replay::Verdict::AlreadyPersisted => {
+                if let Some(stored) = &stored {
+                    self.ctx.cache.wrote(stored);
+                }
+                Ok(Some(stored))
+            }
+            replay::Verdict::Superseded(why) => {
+                warn!(reason = why, "a kept refresh answer was superseded before it could be written; dropped");
+                self.ctx.memory.superseded(&self.key);
+                self.unjournal();
+                Ok(None)
+            }
+        }
+    }
+
+    /// An input that is not this grant's to read: a Secret the operator writes (a grant author who
+    /// may not read Secrets would otherwise have the operator present another grant's live refresh
+    /// token, forking its lineage), or a refresh-token Secret an older grant uses (two lineages from
+    /// one token: the second presentation revokes the first's family).
+    fn foreign_input(&self) -> Option<inputs::Problem> {
+        let spec = &self.grant.spec;
+        let token = spec.refresh_token_secret_ref.as_ref();
+        let named = [
+            (Some(spec.client_secret_ref.name.as_str()), "clientSecretRef"),
+            (token.map(|t| t.name.as_str()), "refreshTokenSecretRef"),
+        ];
+        for (name, field) in named {
+            let Some(name) = name else { continue };
+            if self.ctx.cache.is_operators(&self.ns, name) {
+                return Some(inputs::Problem {
+                    reason: reason::SECRET_NOT_ALLOWED,
+                    message: format!(
+                        "Secret {name} ({field}) is written by the operator for a grant (its state or target Secret) and cannot be a grant's input: name the Secret that holds the authorization or the OAuth client"
+                    ),
+                });
+            }
+        }
+        let token = token?;
+        let users = self.ctx.index.token_users(&self.ns, &token.name);
+        let has_state = |grant: &str| self.ctx.cache.meta(&self.ns, &lineage::state_secret_name(grant)).is_some();
+        let user = index::token_user(&users, has_state)?;
+        (user != self.grant.name_any()).then(|| inputs::Problem {
+            reason: reason::REFRESH_TOKEN_IN_USE,
+            message: format!(
+                "Secret {} (refreshTokenSecretRef) is the authorization of grant {user} already: one refresh token can start one lineage only (every refresh rotates it, and presenting it twice revokes it). Authorize this grant separately (wgtwo-operator authorize {} -n {}), or delete one of the grants",
+                token.name,
+                self.grant.name_any(),
+                self.ns
+            ),
+        })
     }
 
     /// When to renew the published token (the same schedule for both grant types).
@@ -720,9 +862,11 @@ impl Run<'_> {
             }
         };
         // A refresh token may be presented once only, so the state it came from must be the latest:
-        // a copy this process wrote itself is; any other (a watch event, or none at all) may lag a
-        // write of the previous leader or process, and is confirmed with a consistent read.
-        if !self.ctx.cache.is_own_copy(&self.ns, &self.state_name()) {
+        // a copy this process wrote itself in this leadership term is; any other (a watch event, a
+        // copy from before another leader's term, or none at all) may lag a write of the previous
+        // leader or process, and is confirmed with a consistent read.
+        let epoch = self.ctx.shared.leadership.epoch();
+        if !self.ctx.cache.is_own_copy(&self.ns, &self.state_name(), epoch) {
             let stored = self.secrets.get_opt(&self.state_name()).await?;
             let version = |s: &Option<Secret>| s.as_ref().and_then(|s| s.resource_version());
             if version(&stored) != version(&state_secret) {
@@ -735,7 +879,10 @@ impl Run<'_> {
         }
         // Checked after the last await before sending: a replica whose Lease may lapse before the
         // answer is persisted must not present the refresh token (the next leader would too).
-        if !self.ctx.shared.leadership.may_send(self.ctx.options.lease_margin()) {
+        // The term must also be the one the state was confirmed in.
+        if !self.ctx.shared.leadership.may_send(self.ctx.options.lease_margin())
+            || self.ctx.shared.leadership.epoch() != epoch
+        {
             return Ok(if self.ctx.shared.leadership.is_leader() {
                 debug!("Lease held with too little margin; refresh deferred");
                 Action::requeue(Duration::from_secs(1))
@@ -745,7 +892,11 @@ impl Run<'_> {
         }
         info!(reason = why.as_str(), "refreshing");
         let sent = Instant::now();
+        let (uid, presented_sha256) =
+            (self.grant.uid().unwrap_or_default(), lineage::sha256_hex(&[chosen.refresh_token.secret()]));
         let pending = |tokens: TokenSet, (received, refreshed_at): (Instant, Timestamp)| Pending {
+            uid: uid.clone(),
+            presented_sha256: presented_sha256.clone(),
             refresh_token: tokens.refresh_token.clone().unwrap_or_else(|| chosen.refresh_token.clone()),
             source: chosen.source.clone(),
             source_version: chosen.source_version.clone(),

@@ -47,7 +47,33 @@ pub struct Seen<'a> {
     pub user_token_sha256: Option<&'a str>,
 }
 
-pub fn verdict(entry: &Entry, seen: &Seen) -> Verdict {
+/// What the verdict needs of a refresh answer: a journal entry's, or one kept in memory.
+pub struct Answer<'a> {
+    /// The grant object the answer is for.
+    pub uid: &'a str,
+    /// sha256 of the refresh token that was presented.
+    pub presented_sha256: &'a str,
+    /// The rotated refresh token.
+    pub refresh_token: &'a str,
+    /// sha256 of the user's token the lineage began from.
+    pub source: &'a str,
+}
+
+impl Entry {
+    pub fn answer(&self) -> Answer<'_> {
+        Answer {
+            uid: &self.uid,
+            presented_sha256: &self.presented_sha256,
+            refresh_token: &self.refresh_token,
+            source: &self.source,
+        }
+    }
+}
+
+/// Whether an answer not yet in the state Secret still belongs there, given what the apiserver
+/// holds now (read consistently): the same rule for a journal entry at start and for an answer the
+/// live process kept after a failed write, so neither ever puts an older refresh token over a newer.
+pub fn verdict(entry: &Answer, seen: &Seen) -> Verdict {
     match seen.grant_uid {
         None => return Verdict::Superseded("the grant is gone"),
         Some(uid) if uid != entry.uid => return Verdict::Superseded("the grant was deleted and created again"),
@@ -56,7 +82,7 @@ pub fn verdict(entry: &Entry, seen: &Seen) -> Verdict {
     if seen.state_foreign {
         return Verdict::Superseded("the state Secret belongs to another object");
     }
-    if seen.state.is_some_and(|s| s.refresh_token.secret() == &entry.refresh_token) {
+    if seen.state.is_some_and(|s| s.refresh_token.secret() == entry.refresh_token) {
         return Verdict::AlreadyPersisted;
     }
     if seen.user_token_sha256.is_some_and(|sha| sha != entry.source) {
@@ -177,7 +203,7 @@ async fn replay_one(client: &kube::Client, journal: &Journal, entry: &Entry) -> 
         state: state.as_ref(),
         user_token_sha256: user_token_sha256.as_deref(),
     };
-    let verdict = verdict(entry, &seen);
+    let verdict = verdict(&entry.answer(), &seen);
     let (namespace, name) = (entry.namespace.as_str(), entry.name.as_str());
     match &verdict {
         Verdict::Write => {
@@ -265,32 +291,35 @@ mod tests {
     fn an_entry_that_rotated_the_states_token_is_written() {
         let s = state("u", "r1");
         let user = sha("u");
-        assert_eq!(verdict(&entry("u", "r1", "r2"), &seen(Some(&s), Some(&user))), Verdict::Write);
+        assert_eq!(verdict(&entry("u", "r1", "r2").answer(), &seen(Some(&s), Some(&user))), Verdict::Write);
         // The user's Secret unreadable (deleted): the token is still not thrown away.
-        assert_eq!(verdict(&entry("u", "r1", "r2"), &seen(Some(&s), None)), Verdict::Write);
+        assert_eq!(verdict(&entry("u", "r1", "r2").answer(), &seen(Some(&s), None)), Verdict::Write);
     }
 
     #[test]
     fn an_entry_that_began_the_lineage_is_written_over_no_state_or_an_older_lineage() {
         let user = sha("u2");
-        assert_eq!(verdict(&entry("u2", "u2", "r1"), &seen(None, Some(&user))), Verdict::Write);
+        assert_eq!(verdict(&entry("u2", "u2", "r1").answer(), &seen(None, Some(&user))), Verdict::Write);
         let old = state("u1", "old-7");
-        assert_eq!(verdict(&entry("u2", "u2", "r1"), &seen(Some(&old), Some(&user))), Verdict::Write);
+        assert_eq!(verdict(&entry("u2", "u2", "r1").answer(), &seen(Some(&old), Some(&user))), Verdict::Write);
     }
 
     #[test]
     fn an_entry_whose_token_the_state_holds_already_is_dropped_as_persisted() {
         let s = state("u", "r2");
-        assert_eq!(verdict(&entry("u", "r1", "r2"), &seen(Some(&s), Some(&sha("u")))), Verdict::AlreadyPersisted);
+        assert_eq!(
+            verdict(&entry("u", "r1", "r2").answer(), &seen(Some(&s), Some(&sha("u")))),
+            Verdict::AlreadyPersisted
+        );
     }
 
     #[test]
     fn an_entry_the_lineage_moved_past_is_superseded() {
         let s = state("u", "r5");
-        let v = verdict(&entry("u", "r1", "r2"), &seen(Some(&s), Some(&sha("u"))));
+        let v = verdict(&entry("u", "r1", "r2").answer(), &seen(Some(&s), Some(&sha("u"))));
         assert_eq!(v, Verdict::Superseded("the state Secret holds a newer refresh token"));
         // A non-first entry never applies without a state.
-        assert!(matches!(verdict(&entry("u", "r1", "r2"), &seen(None, None)), Verdict::Superseded(_)));
+        assert!(matches!(verdict(&entry("u", "r1", "r2").answer(), &seen(None, None)), Verdict::Superseded(_)));
     }
 
     #[test]
@@ -299,7 +328,7 @@ mod tests {
         // token the entry rotated (no refresh of the new lineage yet) or the new lineage already.
         let new_user = sha("u2");
         for s in [state("u1", "r1"), state("u2", "n1")] {
-            let v = verdict(&entry("u1", "r1", "r2"), &seen(Some(&s), Some(&new_user)));
+            let v = verdict(&entry("u1", "r1", "r2").answer(), &seen(Some(&s), Some(&new_user)));
             assert!(matches!(v, Verdict::Superseded(why) if why.contains("authorized again")), "{v:?}");
         }
     }
@@ -309,10 +338,10 @@ mod tests {
         let s = state("u", "r1");
         let e = entry("u", "r1", "r2");
         let gone = Seen { grant_uid: None, ..seen(Some(&s), None) };
-        assert_eq!(verdict(&e, &gone), Verdict::Superseded("the grant is gone"));
+        assert_eq!(verdict(&e.answer(), &gone), Verdict::Superseded("the grant is gone"));
         let recreated = Seen { grant_uid: Some("uid-2"), ..seen(Some(&s), None) };
-        assert_eq!(verdict(&e, &recreated), Verdict::Superseded("the grant was deleted and created again"));
+        assert_eq!(verdict(&e.answer(), &recreated), Verdict::Superseded("the grant was deleted and created again"));
         let foreign = Seen { state_foreign: true, ..seen(Some(&s), None) };
-        assert_eq!(verdict(&e, &foreign), Verdict::Superseded("the state Secret belongs to another object"));
+        assert_eq!(verdict(&e.answer(), &foreign), Verdict::Superseded("the state Secret belongs to another object"));
     }
 }

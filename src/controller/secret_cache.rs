@@ -13,7 +13,7 @@
 //! the operator's own Secrets only.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -59,14 +59,19 @@ pub struct Meta {
     pub resource_version: Box<str>,
     /// uid of the controller owner.
     pub owner: Option<Box<str>>,
+    /// The controller owner is a WgtwoGrant: a state or target Secret (labels can be removed;
+    /// this cannot, short of replacing the owner references).
+    pub grant_owned: bool,
 }
 
 /// A Secret as far as the controller needs it: metadata and some keys.
 #[derive(Clone, Debug)]
 struct Kept {
     meta: Meta,
-    /// Written by this process (the copy is the latest, as long as it is the one kept).
-    own: bool,
+    /// The leadership term in which this process wrote (or consistently read) this copy; 0: neither.
+    /// Within that term the copy is the latest, as long as it is the one kept; after it, another
+    /// leader may have written meanwhile (and a dead watch not have shown it).
+    own: u64,
     annotations: Vec<(Box<str>, Box<str>)>,
     data: Vec<(Box<str>, ByteString)>,
 }
@@ -93,7 +98,7 @@ impl Kept {
             .filter(|(k, _)| OWNED_ANNOTATIONS.contains(&k.as_str()))
             .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
             .collect();
-        Self { meta: meta_of(metadata), own: false, annotations, data }
+        Self { meta: meta_of(metadata), own: 0, annotations, data }
     }
 
     fn has(&self, keys: &[&str]) -> bool {
@@ -121,14 +126,11 @@ impl Kept {
 }
 
 fn meta_of(metadata: &ObjectMeta) -> Meta {
+    let controller = metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true));
     Meta {
         resource_version: metadata.resource_version.as_deref().unwrap_or_default().into(),
-        owner: metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true))
-            .map(|o| o.uid.as_str().into()),
+        owner: controller.map(|o| o.uid.as_str().into()),
+        grant_owned: controller.is_some_and(|o| o.kind == "WgtwoGrant" && o.api_version.starts_with("auth.wgtwo.com/")),
     }
 }
 
@@ -162,7 +164,7 @@ impl Versioned for Kept {
     }
 
     fn same_version(&mut self, other: Self) {
-        self.own |= other.own;
+        self.own = self.own.max(other.own);
     }
 }
 
@@ -233,11 +235,14 @@ pub struct SecretCache {
     /// One GET at a time per Secret: reconciles of grants sharing a client Secret wait for it.
     reading: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     synced: Notify,
+    /// The leadership term (see [`crate::leader::Leadership::epoch`]) own copies are marked with.
+    epoch: Arc<AtomicU64>,
 }
 
 impl SecretCache {
-    pub fn new() -> Arc<Self> {
-        Arc::default()
+    /// A cache whose own copies count within the leadership term `epoch` holds at the time.
+    pub fn new(epoch: Arc<AtomicU64>) -> Arc<Self> {
+        Arc::new(Self { epoch, ..Default::default() })
     }
 
     /// Both watches have listed everything once.
@@ -287,6 +292,14 @@ impl SecretCache {
         }
     }
 
+    /// Whether the Secret is one the operator writes for a grant (a state or target Secret): by its
+    /// label or by its controller owner. Such a Secret is never a grant's input.
+    pub fn is_operators(&self, namespace: &str, name: &str) -> bool {
+        let key = key(namespace, name);
+        self.owned.map.read().unwrap().contains_key(&key)
+            || self.meta.map.read().unwrap().get(&key).is_some_and(|m| m.grant_owned)
+    }
+
     /// Whether this watch event shows exactly what the operator itself last wrote (nothing to do).
     pub fn is_own_write(&self, secret: &Secret) -> bool {
         let key = key_of(&secret.metadata);
@@ -298,15 +311,16 @@ impl SecretCache {
             .is_some_and(|k| Some(&*k.meta.resource_version) == secret.metadata.resource_version.as_deref())
     }
 
-    /// Whether the kept copy of an owned Secret is one this process wrote itself.
-    pub fn is_own_copy(&self, namespace: &str, name: &str) -> bool {
-        self.owned.map.read().unwrap().get(&key(namespace, name)).is_some_and(|k| k.own)
+    /// Whether the kept copy of an owned Secret is one this process wrote itself (or read
+    /// consistently) in leadership term `epoch`.
+    pub fn is_own_copy(&self, namespace: &str, name: &str, epoch: u64) -> bool {
+        self.owned.map.read().unwrap().get(&key(namespace, name)).is_some_and(|k| k.own == epoch && epoch != 0)
     }
 
-    /// Records a Secret the operator just wrote (or read with a consistent GET).
+    /// Records a Secret the operator just wrote (or read with a consistent GET) in the current term.
     pub fn wrote(&self, secret: &Secret) {
         let mut kept = Kept::from_secret(&secret.metadata, secret.data.as_ref(), OWNED_KEYS);
-        kept.own = true;
+        kept.own = self.epoch.load(Ordering::SeqCst).max(1);
         self.owned.upsert(key_of(&secret.metadata), kept);
     }
 
@@ -448,7 +462,7 @@ pub fn strip_grant<K: Resource>(object: &mut K) {
     meta.labels = None;
     meta.owner_references = None;
     meta.finalizers = None;
-    meta.creation_timestamp = None;
+    // creationTimestamp stays: of grants naming one refresh-token Secret, the oldest uses it.
     meta.generate_name = None;
     if let Some(a) = meta.annotations.as_mut() {
         a.retain(|k, _| k.starts_with(crate::api::ANNOTATION_PREFIX));
@@ -499,10 +513,10 @@ mod tests {
         let s = cache.peek_owned("g-wgtwo-state").unwrap();
         assert_eq!(s.data.unwrap()["refresh_token"].0, b"new");
         assert!(cache.is_own_write(&written));
-        assert!(cache.is_own_copy("ns", "g-wgtwo-state"));
+        assert!(cache.is_own_copy("ns", "g-wgtwo-state", 1));
         // The watch delivers our write: still our own copy.
         cache.apply_owned(&watcher::Event::Apply(written.clone()));
-        assert!(cache.is_own_copy("ns", "g-wgtwo-state"));
+        assert!(cache.is_own_copy("ns", "g-wgtwo-state", 1));
         // Someone else wrote after us.
         cache.apply_owned(&watcher::Event::Apply(secret(
             "g-wgtwo-state",
@@ -512,7 +526,22 @@ mod tests {
         )));
         assert_eq!(cache.peek_owned("g-wgtwo-state").unwrap().data.unwrap()["refresh_token"].0, b"other");
         assert!(!cache.is_own_write(&written));
-        assert!(!cache.is_own_copy("ns", "g-wgtwo-state"), "another writer's copy must be confirmed before use");
+        assert!(!cache.is_own_copy("ns", "g-wgtwo-state", 1), "another writer's copy must be confirmed before use");
+    }
+
+    #[test]
+    fn an_own_copy_from_an_earlier_leadership_term_is_not_trusted() {
+        let epoch = Arc::new(AtomicU64::new(3));
+        let cache = SecretCache::new(epoch.clone());
+        cache.wrote(&secret("g-wgtwo-state", "20", Some("uid"), &[("refresh_token", "mine")]));
+        assert!(cache.is_own_copy("ns", "g-wgtwo-state", 3));
+        // Lost the Lease and won it back: another leader may have written while this process's
+        // watch was dead, so the copy needs a consistent read again.
+        epoch.store(4, Ordering::SeqCst);
+        assert!(!cache.is_own_copy("ns", "g-wgtwo-state", 4));
+        // Read consistently in the new term: trusted again.
+        cache.wrote(&secret("g-wgtwo-state", "20", Some("uid"), &[("refresh_token", "mine")]));
+        assert!(cache.is_own_copy("ns", "g-wgtwo-state", 4));
     }
 
     #[test]

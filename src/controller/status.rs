@@ -25,6 +25,10 @@ pub mod reason {
     pub const TARGET_CONFLICT: &str = "TargetConflict";
     pub const STATE_CONFLICT: &str = "StateConflict";
     pub const ISSUER_NOT_ALLOWED: &str = "IssuerNotAllowed";
+    /// An input names a Secret the operator writes (another grant's state or target).
+    pub const SECRET_NOT_ALLOWED: &str = "SecretNotAllowed";
+    /// The refresh-token Secret is an older grant's: one refresh token starts one lineage.
+    pub const REFRESH_TOKEN_IN_USE: &str = "RefreshTokenInUse";
     /// `spec.target.template` cannot be applied (the token is still renewed and published).
     pub const TEMPLATE_INVALID: &str = "TemplateInvalid";
     pub const PERSIST_FAILED: &str = "PersistFailed";

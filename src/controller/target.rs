@@ -176,7 +176,8 @@ mod tests {
         let at = Timestamp::from_second(1_700_003_600).unwrap();
         let issued = Timestamp::from_second(1_700_000_000).unwrap();
         let spec = template_spec(&[("authorization", "Bearer {{ access_token }}"), ("who", "{{ phone_number }}")]);
-        let template = super::super::template::compile(Some(&spec)).unwrap().unwrap();
+        let template =
+            super::super::template::compile(Some(&spec), &["reloader.stakater.com".into()]).unwrap().unwrap();
         let (shaped, problem) = shape(data(&tokens(Some("+4799999999")), at, None), issued, Ok(Some(&template)));
         assert_eq!(problem, None);
         assert_eq!(shaped.data["authorization"].0, b"Bearer at");

@@ -6,6 +6,14 @@
 //! What a template can see is only what the target Secret holds anyway (the access token and its
 //! public details): the refresh token and the client secret are never in its context, there is no
 //! loader, no environment access, and rendering runs on bounded fuel and output.
+//!
+//! The access token and the phone number are **opaque** ([`OPAQUE`]): the template engine never
+//! sees them. It renders markers in their place, which are replaced by the real values (through
+//! the encoding filters `tojson` and `b64encode`, if applied) after rendering. So nothing a template
+//! does can depend on a token's value (no comparison, indexing, length or branch sees it), and
+//! nothing observable of a grant (its status, Events, timing of writes) can reveal a bit of it to
+//! a grant author who may not read Secrets. A template that slices or changes a marker fails the
+//! same way for every token, so already at [`compile`], before any token request.
 
 use std::collections::BTreeMap;
 
@@ -24,6 +32,19 @@ pub const ANNOTATION_TEMPLATE_HASH: &str = "auth.wgtwo.com/template-hash";
 /// The variables a template may use.
 pub const VARIABLES: &[&str] =
     &["access_token", "token_type", "expires_at", "expires_at_unix", "scope", "phone_number"];
+/// The variables a template can only write out, whole or through [`ENCODINGS`]: secret or personal.
+/// (The others are public: the grant's status shows the expiry and scope.)
+pub const OPAQUE: &[&str] = &["access_token", "phone_number"];
+/// The filters an opaque value may pass through.
+pub const ENCODINGS: &[&str] = &["tojson", "b64encode"];
+/// Counted per opaque value written out when checking the output limits, whatever its real length,
+/// so that the check does not depend on a token either (wgtwo's access tokens are about 100 bytes).
+const OPAQUE_BUDGET: usize = 2048;
+/// Marker delimiters (Unicode private use characters): `OPEN name CLOSE` stands for a variable,
+/// `OPEN =encoding SEP content CLOSE` for `content` through an encoding filter.
+const OPEN: char = '\u{E000}';
+const CLOSE: char = '\u{E001}';
+const SEP: char = '\u{E002}';
 /// Instructions one key may run: far more than any credentials file needs, and a loop over
 /// `range(1000000)` stops at once instead of holding a reconcile.
 const FUEL: u64 = 50_000;
@@ -54,10 +75,20 @@ pub struct Values<'a> {
     pub phone_number: &'a str,
 }
 
+/// The label and annotation prefixes a template may set by default (`--template-metadata-prefix`):
+/// Kubernetes' recommended labels and Reloader's match annotation. Keys without a prefix are always
+/// allowed. Not, for example, the annotations of kubernetes-replicator or Reflector: those copy a
+/// Secret into other namespaces, where the grant's author might read the token.
+pub const DEFAULT_METADATA_PREFIXES: &[&str] = &["app.kubernetes.io", "reloader.stakater.com"];
+
 /// Checks a template as far as it can be without a token: limits, keys and values Kubernetes would
-/// refuse, the operator's own names, syntax, unknown variables, and a render with placeholder values
-/// (type errors, loops out of fuel). `None`: the grant has no template.
-pub fn compile(spec: Option<&TargetTemplate>) -> Result<Option<Template<'_>>, TemplateError> {
+/// refuse, the operator's own names, label and annotation prefixes outside `prefixes`, syntax,
+/// unknown variables, and a render with placeholder values (type errors, loops out of fuel, opaque
+/// values taken apart). `None`: the grant has no template.
+pub fn compile<'a>(
+    spec: Option<&'a TargetTemplate>,
+    prefixes: &[String],
+) -> Result<Option<Template<'a>>, TemplateError> {
     let Some(spec) = spec.filter(|t| !(t.labels.is_empty() && t.annotations.is_empty() && t.data.is_empty())) else {
         return Ok(None);
     };
@@ -65,6 +96,13 @@ pub fn compile(spec: Option<&TargetTemplate>) -> Result<Option<Template<'_>>, Te
     for (field, map) in [("labels", &spec.labels), ("annotations", &spec.annotations), ("data", &spec.data)] {
         if map.len() as u64 > TEMPLATE_MAX_ENTRIES {
             return fail(field, format!("at most {TEMPLATE_MAX_ENTRIES} entries"));
+        }
+    }
+    for (field, map) in [("labels", &spec.labels), ("annotations", &spec.annotations)] {
+        for key in map.keys() {
+            if let Some(problem) = prefix_problem(key, prefixes) {
+                return fail(&format!("{field}[{key}]"), problem);
+            }
         }
     }
     for (key, value) in &spec.labels {
@@ -142,40 +180,157 @@ impl Template<'_> {
         self.render_with(values, false)
     }
 
-    fn render_with(&self, values: &Values, placeholders: bool) -> Result<BTreeMap<String, ByteString>, TemplateError> {
+    fn render_with<'v>(
+        &self,
+        values: &Values<'v>,
+        placeholders: bool,
+    ) -> Result<BTreeMap<String, ByteString>, TemplateError> {
         let env = environment();
+        // The opaque values are markers here: what the engine computes cannot depend on them.
         let context = Value::from(BTreeMap::from([
-            ("access_token", Value::from(values.access_token)),
+            ("access_token", Value::from(marker("access_token"))),
             ("token_type", Value::from(values.token_type)),
             ("expires_at", Value::from(values.expires_at.to_string())),
             ("expires_at_unix", Value::from(values.expires_at.as_second())),
             ("scope", Value::from(values.scope)),
-            ("phone_number", Value::from(values.phone_number)),
+            ("phone_number", Value::from(marker("phone_number"))),
         ]));
+        let opaque = |name: &str| -> Option<&'v str> {
+            match name {
+                "access_token" => Some(values.access_token),
+                "phone_number" => Some(values.phone_number),
+                _ => None,
+            }
+        };
         let mut total = 0;
         let mut out = BTreeMap::new();
         for (key, source) in &self.spec.data {
             let field = format!("data[{key}]");
-            let rendered = env.render_named_str(key, source, context.clone()).map_err(|e| match placeholders {
+            let structure = env.render_named_str(key, source, context.clone()).map_err(|e| match placeholders {
                 true => described(&field, &e),
                 false => located(&field, &e),
             })?;
-            if rendered.len() > MAX_RENDERED {
+            // Limits on the structure, each opaque value counted at its budget: the same for every token.
+            let size = structure.len() + structure.matches(OPEN).count() * OPAQUE_BUDGET;
+            if size > MAX_RENDERED {
                 return Err(TemplateError(format!(
                     "spec.target.template.{field}: renders more than {} KiB",
                     MAX_RENDERED / 1024
                 )));
             }
-            total += rendered.len();
+            total += size;
             if total > MAX_RENDERED_TOTAL {
                 return Err(TemplateError(format!(
                     "spec.target.template.data: renders more than {} KiB in all",
                     MAX_RENDERED_TOTAL / 1024
                 )));
             }
+            let rendered = resolve(&structure, &opaque).ok_or_else(|| {
+                TemplateError(format!(
+                    "spec.target.template.{field}: {} can only be written out whole, or through {}; they cannot be sliced, compared, measured or changed",
+                    OPAQUE.join(" and "),
+                    ENCODINGS.join(" or ")
+                ))
+            })?;
             out.insert(key.clone(), ByteString(rendered.into_bytes()));
         }
         Ok(out)
+    }
+}
+
+fn marker(name: &str) -> String {
+    format!("{OPEN}{name}{CLOSE}")
+}
+
+/// `content` through an encoding filter, to be applied when the markers in it are replaced.
+fn encoded(encoding: &str, content: &str) -> String {
+    format!("{OPEN}={encoding}{SEP}{content}{CLOSE}")
+}
+
+/// `tojson`: as MiniJinja's own, deferred for a string holding opaque values (a structure holding
+/// them serializes its strings as they are, and the markers in them are replaced by the raw value:
+/// an access token (RFC 6750 b64token) needs no escaping in JSON).
+fn tojson(value: &Value, indent: Option<Value>, args: minijinja::value::Kwargs) -> Result<Value, minijinja::Error> {
+    match value.as_str() {
+        Some(s) if s.contains(OPEN) => Ok(Value::from_safe_string(format!("\"{}\"", encoded("tojson", s)))),
+        _ => minijinja::filters::tojson(value, indent, args),
+    }
+}
+
+/// `b64encode`: standard base64 of a string's UTF-8 bytes (e.g. for HTTP Basic credentials),
+/// deferred for a string holding opaque values.
+fn b64encode(value: &Value) -> Result<Value, minijinja::Error> {
+    let Some(s) = value.as_str() else {
+        return Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, "b64encode takes a string"));
+    };
+    Ok(Value::from(match s.contains(OPEN) {
+        true => encoded("b64encode", s),
+        false => base64_standard(s),
+    }))
+}
+
+fn base64_standard(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s.as_bytes())
+}
+
+/// JSON string contents, escaped as MiniJinja's `tojson` escapes them (also safe in HTML).
+fn json_inner(s: &str) -> String {
+    let quoted = serde_json::to_string(s).expect("a string serializes");
+    quoted[1..quoted.len() - 1]
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+        .replace('\'', "\\u0027")
+}
+
+/// Replaces the markers of a rendered structure by the values; `None` when the template took a
+/// marker apart (sliced, changed or reordered it), which it does for any value alike.
+fn resolve<'v>(structure: &str, value: &dyn Fn(&str) -> Option<&'v str>) -> Option<String> {
+    let mut rest = structure;
+    let out = resolve_until(&mut rest, value, false)?;
+    rest.is_empty().then_some(out)
+}
+
+/// Resolves text up to an unmatched `CLOSE` (consumed) when `nested`, else to the end.
+fn resolve_until<'v>(rest: &mut &str, value: &dyn Fn(&str) -> Option<&'v str>, nested: bool) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let Some(at) = rest.find([OPEN, CLOSE, SEP]) else {
+            if nested {
+                return None;
+            }
+            out.push_str(rest);
+            *rest = "";
+            return Some(out);
+        };
+        out.push_str(&rest[..at]);
+        let delimiter = rest[at..].chars().next().expect("found a delimiter");
+        *rest = &rest[at + delimiter.len_utf8()..];
+        match delimiter {
+            CLOSE if nested => return Some(out),
+            OPEN => match rest.strip_prefix('=') {
+                Some(after) => {
+                    let (encoding, content) = after.split_once(SEP)?;
+                    if encoding.contains([OPEN, CLOSE]) {
+                        return None;
+                    }
+                    *rest = content;
+                    let inner = resolve_until(rest, value, true)?;
+                    out.push_str(&match encoding {
+                        "tojson" => json_inner(&inner),
+                        "b64encode" => base64_standard(&inner),
+                        _ => return None,
+                    });
+                }
+                None => {
+                    let (name, after) = rest.split_once(CLOSE)?;
+                    out.push_str(value(name)?);
+                    *rest = after;
+                }
+            },
+            _ => return None,
+        }
     }
 }
 
@@ -194,6 +349,8 @@ fn environment() -> Environment<'static> {
     env.set_auto_escape_callback(|_| AutoEscape::None);
     env.set_fuel(Some(FUEL));
     env.set_recursion_limit(32);
+    env.add_filter("tojson", tojson);
+    env.add_filter("b64encode", b64encode);
     env
 }
 
@@ -233,6 +390,21 @@ fn metadata_key_problem(key: &str) -> Option<String> {
         .then(|| format!("{key:?} is not a qualified name such as example.com/team (name part at most 63 characters)"))
 }
 
+/// Why the operator's owner does not let templates set `key` (its prefix is not allowed), if so.
+fn prefix_problem(key: &str, prefixes: &[String]) -> Option<String> {
+    let (prefix, _) = key.split_once('/')?;
+    if prefixes.iter().any(|p| p == prefix) {
+        return None;
+    }
+    let allowed = match prefixes.is_empty() {
+        true => "none (keys without a prefix only)".to_owned(),
+        false => prefixes.join(", "),
+    };
+    Some(format!(
+        "the prefix {prefix} is not allowed here; allowed: {allowed}. The operator's owner chooses them (--template-metadata-prefix): annotations such as a replicator's could copy the token where this grant's author could read it"
+    ))
+}
+
 fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253
         && s.split('.').all(|part| {
@@ -266,6 +438,10 @@ mod tests {
         }
     }
 
+    fn defaults() -> Vec<String> {
+        DEFAULT_METADATA_PREFIXES.iter().map(|p| p.to_string()).collect()
+    }
+
     fn values() -> Values<'static> {
         Values {
             access_token: "ory_at_real",
@@ -287,7 +463,7 @@ mod tests {
             ("credentials.json", r#"{"token": {{ access_token | tojson }}, "expires": {{ expires_at_unix }}}"#),
             ("who", "{{ phone_number }} until {{ expires_at }}"),
         ]);
-        let compiled = compile(Some(&spec)).unwrap().unwrap();
+        let compiled = compile(Some(&spec), &defaults()).unwrap().unwrap();
         let out = compiled.render(&values()).unwrap();
         assert_eq!(text(&out, "authorization"), "Bearer ory_at_real");
         let json: serde_json::Value = serde_json::from_str(&text(&out, "credentials.json")).unwrap();
@@ -297,33 +473,33 @@ mod tests {
 
     #[test]
     fn no_template_or_an_empty_one_is_none() {
-        assert!(compile(None).unwrap().is_none());
-        assert!(compile(Some(&TargetTemplate::default())).unwrap().is_none());
+        assert!(compile(None, &defaults()).unwrap().is_none());
+        assert!(compile(Some(&TargetTemplate::default()), &defaults()).unwrap().is_none());
     }
 
     #[test]
     fn the_refresh_token_and_client_secret_are_not_variables_and_nothing_else_reaches_them() {
         for source in ["{{ refresh_token }}", "{{ client_secret }}", "{{ client_id }}", "{{ env }}"] {
-            let err = compile(Some(&template(&[("x", source)]))).unwrap_err().0;
+            let err = compile(Some(&template(&[("x", source)])), &defaults()).unwrap_err().0;
             assert!(err.contains("unknown variable"), "{source}: {err}");
             assert!(err.contains("spec.target.template.data[x]"), "{err}");
         }
         // What a template can reach at all (the whole context, through debug()) holds only the
-        // values it was given.
+        // values it was given (the opaque ones as markers, replaced in the output).
         let spec = template(&[("all", "{{ debug() }}")]);
-        let compiled = compile(Some(&spec)).unwrap().unwrap();
+        let compiled = compile(Some(&spec), &defaults()).unwrap().unwrap();
         let out = text(&compiled.render(&values()).unwrap(), "all");
         assert!(out.contains("ory_at_real"), "{out}");
         for name in ["refresh_token", "client_secret"] {
             assert!(!out.contains(name), "{out}");
         }
         // No loader: including another template is an error, not a file read.
-        assert!(compile(Some(&template(&[("x", "{% include '/etc/passwd' %}")]))).is_err());
+        assert!(compile(Some(&template(&[("x", "{% include '/etc/passwd' %}")])), &defaults()).is_err());
     }
 
     #[test]
     fn syntax_errors_name_the_key_and_line() {
-        let err = compile(Some(&template(&[("auth", "Bearer\n{{ access_token ")]))).unwrap_err().0;
+        let err = compile(Some(&template(&[("auth", "Bearer\n{{ access_token ")])), &defaults()).unwrap_err().0;
         assert!(err.starts_with("spec.target.template.data[auth]: syntax error"), "{err}");
         assert!(err.contains("line 2"), "{err}");
     }
@@ -331,15 +507,15 @@ mod tests {
     #[test]
     fn reserved_keys_and_operator_metadata_cannot_be_templated() {
         for key in RESERVED_TARGET_KEYS {
-            let err = compile(Some(&template(&[(key, "x")]))).unwrap_err().0;
+            let err = compile(Some(&template(&[(key, "x")])), &defaults()).unwrap_err().0;
             assert!(err.contains("cannot be templated"), "{err}");
         }
         let mut spec = TargetTemplate::default();
         spec.labels.insert("app.kubernetes.io/managed-by".into(), "me".into());
-        assert!(compile(Some(&spec)).unwrap_err().0.contains("operator's own"));
+        assert!(compile(Some(&spec), &defaults()).unwrap_err().0.contains("operator's own"));
         let mut spec = TargetTemplate::default();
         spec.annotations.insert("auth.wgtwo.com/refreshed-at".into(), "never".into());
-        assert!(compile(Some(&spec)).unwrap_err().0.contains("operator's own"));
+        assert!(compile(Some(&spec), &defaults()).unwrap_err().0.contains("operator's own"));
     }
 
     #[test]
@@ -348,38 +524,112 @@ mod tests {
         for (key, value) in bad_labels {
             let mut spec = TargetTemplate::default();
             spec.labels.insert(key.into(), value.into());
-            assert!(compile(Some(&spec)).is_err(), "{key}={value}");
+            assert!(compile(Some(&spec), &defaults()).is_err(), "{key}={value}");
         }
         let mut spec = TargetTemplate::default();
         spec.labels.insert("example.com/team".into(), "team-a".into());
         spec.labels.insert("tier".into(), String::new());
         spec.annotations.insert("reloader.stakater.com/match".into(), "true".into());
-        let compiled = compile(Some(&spec)).unwrap().unwrap();
+        let compiled = compile(Some(&spec), &["example.com".into(), "reloader.stakater.com".into()]).unwrap().unwrap();
         assert_eq!(compiled.labels()["example.com/team"], "team-a");
         let mut spec = TargetTemplate::default();
         spec.annotations.insert("x".into(), "y".repeat(TEMPLATE_MAX_ANNOTATION_VALUE as usize + 1));
-        assert!(compile(Some(&spec)).is_err());
+        assert!(compile(Some(&spec), &defaults()).is_err());
+    }
+
+    #[test]
+    fn labels_and_annotations_only_under_the_prefixes_the_owner_allows() {
+        for (field, key) in [
+            ("annotations", "replicator.v1.mittwald.de/replicate-to"),
+            ("annotations", "reflector.v1.k8s.emberstack.com/reflection-allowed"),
+            ("labels", "example.com/team"),
+        ] {
+            let mut spec = TargetTemplate::default();
+            match field {
+                "labels" => spec.labels.insert(key.into(), "x".into()),
+                _ => spec.annotations.insert(key.into(), "x".into()),
+            };
+            let err = compile(Some(&spec), &defaults()).unwrap_err().0;
+            assert!(err.starts_with(&format!("spec.target.template.{field}[{key}]: the prefix ")), "{err}");
+            assert!(err.contains("allowed: app.kubernetes.io, reloader.stakater.com"), "{err}");
+            // Allowed once the owner lists the prefix.
+            let prefix = key.split_once('/').unwrap().0.to_owned();
+            assert!(compile(Some(&spec), &[prefix]).is_ok(), "{key}");
+        }
+        let mut spec = TargetTemplate::default();
+        spec.labels.insert("team".into(), "a".into());
+        spec.labels.insert("app.kubernetes.io/part-of".into(), "billing".into());
+        assert!(compile(Some(&spec), &defaults()).is_ok());
+        spec.labels.remove("app.kubernetes.io/part-of");
+        assert!(compile(Some(&spec), &[]).is_ok(), "keys without a prefix are always allowed");
     }
 
     #[test]
     fn a_runaway_loop_runs_out_of_fuel_instead_of_holding_the_reconcile() {
-        let err = compile(Some(&template(&[("x", "{% for i in range(100000000) %}{{ i }}{% endfor %}")]))).unwrap_err();
+        let err = compile(Some(&template(&[("x", "{% for i in range(100000000) %}{{ i }}{% endfor %}")])), &defaults())
+            .unwrap_err();
         assert!(err.0.contains("data[x]"), "{err}");
-        let err = compile(Some(&template(&[("x", "{{ access_token * 5000 }}")]))).unwrap_err();
+        let err = compile(Some(&template(&[("x", "{{ access_token * 5000 }}")])), &defaults()).unwrap_err();
         assert!(err.0.contains("renders more than"), "{err}");
     }
 
+    /// The issue's attack: a template that fails (or renders differently) for some tokens and not
+    /// others turns the status into an oracle on the token.
     #[test]
-    fn an_error_with_the_real_values_never_quotes_them() {
-        // Passes with the placeholder token, fails with the real one.
-        let spec = template(&[(
-            "x",
-            "{% if access_token == 'ory_at_placeholder' %}ok{% else %}{{ access_token | int }}{% endif %}",
-        )]);
-        let compiled = compile(Some(&spec)).unwrap().unwrap();
-        let err = compiled.render(&values()).unwrap_err().0;
-        assert!(err.starts_with("spec.target.template.data[x]: "), "{err}");
-        assert!(!err.contains("ory_at_real"), "{err}");
+    fn nothing_a_template_computes_depends_on_the_opaque_values() {
+        let probes = [
+            "{% if access_token[9] == 'K' %}{{ access_token | int }}{% endif %}",
+            "{% if 'K' in access_token %}{{ 1 // 0 }}{% endif %}",
+            "{% if access_token | length > 40 %}{{ access_token | int }}{% endif %}",
+            "{% if access_token < 'ory_at_m' %}{{ x }}{% endif %}",
+            "{% if phone_number == '+4799999999' %}{{ phone_number | int }}{% endif %}",
+            "{% if phone_number %}known{% else %}{{ 1 // 0 }}{% endif %}",
+            "{{ access_token | int }}",
+            "{{ access_token[:12] }}",
+            "{{ access_token | upper }}",
+            "{{ access_token | reverse }}",
+            "{{ access_token | replace('o', '0') }}",
+        ];
+        let mut a = values();
+        a.access_token = "ory_at_KKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKK.aaaa";
+        let mut b = values();
+        b.access_token = "ory_at_zz";
+        b.phone_number = "";
+        for probe in probes {
+            let spec = template(&[("x", probe)]);
+            let outcome = |v: &Values| match compile(Some(&spec), &defaults()) {
+                Err(e) => Err(e.0),
+                Ok(t) => t.unwrap().render(v).map(|_| ()).map_err(|e| e.0),
+            };
+            assert_eq!(outcome(&a), outcome(&b), "{probe}");
+            if let Err(message) = outcome(&a) {
+                assert!(!message.contains("KKKK") && !message.contains("zz"), "{probe}: {message}");
+            }
+        }
+        // Taking a value apart fails for every token alike, before any token is requested.
+        let err = compile(Some(&template(&[("x", "{{ access_token[:12] }}")])), &defaults()).unwrap_err().0;
+        assert!(err.contains("can only be written out whole, or through tojson or b64encode"), "{err}");
+        assert!(err.starts_with("spec.target.template.data[x]"), "{err}");
+    }
+
+    #[test]
+    fn opaque_values_are_written_out_whole_and_through_the_encoding_filters() {
+        let spec = template(&[
+            ("basic", "{{ ('wgtwo:' ~ access_token) | b64encode }}"),
+            ("plain", "{{ 'plain' | b64encode }}"),
+            ("nested", "{{ {'auth': ('Bearer ' ~ access_token) | b64encode, 'phone': phone_number} | tojson }}"),
+            ("string", "{{ (access_token ~ '<&>') | tojson }}"),
+        ]);
+        let out = compile(Some(&spec), &defaults()).unwrap().unwrap().render(&values()).unwrap();
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        assert_eq!(text(&out, "basic"), b64("wgtwo:ory_at_real"));
+        assert_eq!(text(&out, "plain"), b64("plain"));
+        let json: serde_json::Value = serde_json::from_str(&text(&out, "nested")).unwrap();
+        assert_eq!(json, serde_json::json!({"auth": b64("Bearer ory_at_real"), "phone": "+4799999999"}));
+        assert_eq!(text(&out, "string"), r#""ory_at_real\u003c\u0026\u003e""#);
+        let json: serde_json::Value = serde_json::from_str(&text(&out, "string")).unwrap();
+        assert_eq!(json, "ory_at_real<&>");
     }
 
     #[test]
@@ -387,10 +637,10 @@ mod tests {
         let a = template(&[("x", "{{ access_token }}")]);
         let b = template(&[("x", "Bearer {{ access_token }}")]);
         let (ha, hb) = (
-            compile(Some(&a)).unwrap().unwrap().hash().to_owned(),
-            compile(Some(&b)).unwrap().unwrap().hash().to_owned(),
+            compile(Some(&a), &defaults()).unwrap().unwrap().hash().to_owned(),
+            compile(Some(&b), &defaults()).unwrap().unwrap().hash().to_owned(),
         );
         assert_ne!(ha, hb);
-        assert_eq!(ha, compile(Some(&a)).unwrap().unwrap().hash());
+        assert_eq!(ha, compile(Some(&a), &defaults()).unwrap().unwrap().hash());
     }
 }

@@ -1,11 +1,14 @@
 //! A TCP proxy on loopback that can black-hole the connections open through it: from then on they
 //! forward nothing in either direction and stay open (no FIN, no RST), as with a hung apiserver or
 //! a peer lost behind a stateful firewall. Connections made afterwards work, unless everything is
-//! black-holed (a peer that hangs for every client). TLS passes through untouched.
+//! black-holed (a peer that hangs for every client). It can also stall the answers for a while
+//! (requests still reach the server and take effect; their answers arrive late): a slow apiserver.
+//! TLS passes through untouched.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,6 +20,9 @@ pub struct TcpProxy {
     /// Every connection, also those made later, is black-holed.
     all_dead: Arc<AtomicBool>,
     next_id: Arc<AtomicU64>,
+    /// Answers are held until this instant (milliseconds after `started`).
+    stall_until_ms: Arc<AtomicU64>,
+    started: Instant,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -27,21 +33,34 @@ impl TcpProxy {
         let dead_up_to = Arc::new(AtomicU64::new(0));
         let all_dead = Arc::new(AtomicBool::new(false));
         let next_id = Arc::new(AtomicU64::new(1));
-        let (dead, all, next) = (dead_up_to.clone(), all_dead.clone(), next_id.clone());
+        let stall_until_ms = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let (dead, all, next, stall) = (dead_up_to.clone(), all_dead.clone(), next_id.clone(), stall_until_ms.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let id = next.fetch_add(1, Ordering::SeqCst);
-                let (dead, all) = (dead.clone(), all.clone());
+                let (dead, all, stall) = (dead.clone(), all.clone(), stall.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else { return };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
                     let is_dead = move || dead.load(Ordering::SeqCst) >= id || all.load(Ordering::SeqCst);
-                    tokio::join!(pipe(cr, sw, is_dead.clone()), pipe(sr, cw, is_dead));
+                    let stalled = move || {
+                        let until = started + Duration::from_millis(stall.load(Ordering::SeqCst));
+                        until.checked_duration_since(Instant::now())
+                    };
+                    tokio::join!(pipe(cr, sw, is_dead.clone(), || None), pipe(sr, cw, is_dead, stalled));
                 });
             }
         });
-        Ok(Self { port, dead_up_to, all_dead, next_id, task })
+        Ok(Self { port, dead_up_to, all_dead, next_id, stall_until_ms, started, task })
+    }
+
+    /// For `duration` from now, answers (server to client) on every connection are held back and
+    /// then delivered in order; requests pass at once.
+    pub fn stall_answers(&self, duration: Duration) {
+        let until = (self.started.elapsed() + duration).as_millis() as u64;
+        self.stall_until_ms.fetch_max(until, Ordering::SeqCst);
     }
 
     pub fn port(&self) -> u16 {
@@ -75,6 +94,7 @@ async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     is_dead: impl Fn() -> bool,
+    stalled: impl Fn() -> Option<Duration>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -85,6 +105,9 @@ async fn pipe(
         if is_dead() {
             // Hold both halves open and forward nothing, forever.
             std::future::pending::<()>().await;
+        }
+        while let Some(wait) = stalled() {
+            tokio::time::sleep(wait).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             break;
