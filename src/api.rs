@@ -6,8 +6,6 @@
 
 use std::collections::BTreeMap;
 
-use crate::controller::target;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
@@ -215,13 +213,21 @@ pub struct TargetTemplate {
 /// Keys of the target Secret that the operator writes itself, and `token.json`, the file the agent
 /// adds beside them: no template may use them.
 pub const RESERVED_TARGET_KEYS: &[&str] = &[
-    target::KEY_ACCESS_TOKEN,
-    target::KEY_TOKEN_TYPE,
-    target::KEY_EXPIRES_AT,
-    target::KEY_SCOPE,
-    target::KEY_PHONE_NUMBER,
-    crate::agent::files::JSON_FILE,
+    TARGET_KEY_ACCESS_TOKEN,
+    TARGET_KEY_TOKEN_TYPE,
+    TARGET_KEY_EXPIRES_AT,
+    TARGET_KEY_SCOPE,
+    TARGET_KEY_PHONE_NUMBER,
+    TARGET_FILE_TOKEN_JSON,
 ];
+/// The keys of the target Secret the operator writes (part of the API: workloads read them).
+pub const TARGET_KEY_ACCESS_TOKEN: &str = "access_token";
+pub const TARGET_KEY_TOKEN_TYPE: &str = "token_type";
+pub const TARGET_KEY_EXPIRES_AT: &str = "expires_at";
+pub const TARGET_KEY_SCOPE: &str = "scope";
+pub const TARGET_KEY_PHONE_NUMBER: &str = "phone_number";
+/// The file the agent writes beside the target Secret's keys.
+pub const TARGET_FILE_TOKEN_JSON: &str = "token.json";
 /// Limits of a template, so a grant cannot make the target Secret (or the operator's memory) large.
 pub const TEMPLATE_MAX_ENTRIES: u64 = 32;
 pub const TEMPLATE_MAX_DATA_VALUE: u64 = 16384;

@@ -13,7 +13,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use support::{Env, NS, OPERATOR_NS, OPERATOR_SA, ttl};
 use wgtwo_operator::api::WgtwoGrant;
-use wgtwo_testenv::HydraOptions;
+use wgtwo_testenv::{Fault, FaultServer, HydraOptions};
 
 /// Sets the verbs the operator's ClusterRole grants on Secrets, and waits until RBAC enforces them.
 async fn operator_secret_verbs(env: &Env, verbs: &[&str]) {
@@ -650,4 +650,110 @@ async fn sigterm_with_a_rotated_token_that_cannot_be_written_leaves_the_lease_to
     let lease = Api::<Lease>::namespaced(env.kube.clone(), OPERATOR_NS).get("wgtwo-operator").await.unwrap();
     let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
     assert!(holder.starts_with("operator-1_"), "the Lease still names the stopped leader: {holder:?}");
+}
+
+/// Issue 23, item 5, against the operator: a 2xx refresh answer the typed parser refuses still
+/// rotated the token at the server. Its tokens are kept and published (with a Warning); an answer
+/// with no token in it at all ends the grant's refreshes instead of presenting the old token again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_answer_that_cannot_be_parsed_never_leads_to_the_old_token_being_sent_again() {
+    let mut env = Env::start(ttl(3600)).await;
+    let stub = FaultServer::start().await.unwrap();
+    let odd = serde_json::json!({
+        "access_token": "stub-access-raw", "refresh_token": "stub-refresh-raw", "token_type": "bearer",
+        "expires_in": 3600, "id_token": "not-a-jwt",
+    });
+    stub.push(Fault::Malformed(odd.to_string()));
+    env.create_grant("odd", "user-token-odd", |s| s.issuer_url = stub.base_url().to_owned()).await;
+    let (_operator, _) = env.start_operator_with(&["--allowed-issuer", stub.base_url()]);
+    env.wait_ready("odd", "True", "Refreshed", Duration::from_secs(30)).await;
+    assert_eq!(env.live_refresh_token("odd").await.as_deref(), Some("stub-refresh-raw"));
+    assert_eq!(env.secret_value("odd-token", "access_token").await.as_deref(), Some("stub-access-raw"));
+    let events = env.events("odd").await;
+    assert!(events.iter().any(|(r, _)| r == "IdTokenNotVerified"), "{events:?}");
+    assert!(events.iter().all(|(_, note)| !note.contains("not-a-jwt") && !note.contains("stub-")), "{events:?}");
+    assert_eq!(stub.token_requests(), 1);
+
+    stub.push(Fault::Malformed("<html>OK</html>".into()));
+    env.create_grant("lost", "user-token-lost", |s| s.issuer_url = stub.base_url().to_owned()).await;
+    env.wait_ready("lost", "False", "RefreshOutcomeUnknown", Duration::from_secs(30)).await;
+    let message = env.status("lost").await.unwrap().conditions[0].message.clone();
+    assert!(message.contains("not sent again") && message.contains("wgtwo-operator authorize lost"), "{message}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(stub.token_requests(), 2, "the used-up refresh token was sent again");
+}
+
+/// Issue 23, item 6: the ID token was verified between the answer and the state write, outside the
+/// Lease margin, and an ID token naming an unknown key made each waiting request fetch the issuer's
+/// keys in turn when the fetch failed. Now the state is written first, and a failed fetch is
+/// remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rotated_token_is_written_before_the_id_token_is_verified_and_a_failed_key_fetch_is_not_repeated() {
+    const GRANTS: usize = 4;
+    let mut env = Env::start(HydraOptions { recording_proxy: true, ..ttl(3600) }).await;
+    env.create_authorized_grant("warm").await;
+    let (_operator, _) = env.start_operator_with(&[]);
+    env.wait_ready("warm", "True", "Refreshed", Duration::from_secs(30)).await;
+    // The operator knows the issuer's keys; the issuer adds one, and signs the ID tokens of new
+    // authorizations with it.
+    env.hydra.rotate_id_token_signing_key().await.unwrap();
+    env.rediscover_test_client().await;
+    let names: Vec<String> = (0..GRANTS).map(|i| format!("new-{i}")).collect();
+    let mut tokens = Vec::new();
+    for name in &names {
+        tokens.push(env.authorize(name).await);
+    }
+    // Its key set answers slowly, then with a 503.
+    let proxy = env.hydra.recording_proxy();
+    proxy.hold_key_set(Duration::from_secs(8));
+    proxy.fail_key_set(true);
+    let fetches = proxy.key_set_requests();
+    let created = Instant::now();
+    for (name, token) in names.iter().zip(&tokens) {
+        env.create_grant(name, token, |_| {}).await;
+    }
+    for name in &names {
+        while env.live_refresh_token(name).await.is_none() {
+            assert!(
+                created.elapsed() < Duration::from_secs(6),
+                "{name}: the rotated refresh token waited for the issuer's keys"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    println!(
+        "all {GRANTS} rotated tokens written {:.1}s after the grants were created",
+        created.elapsed().as_secs_f64()
+    );
+    for name in &names {
+        env.wait_ready(name, "True", "Refreshed", Duration::from_secs(30)).await;
+        assert!(env.live_token_is_active(name).await);
+        let events = env.events(name).await;
+        assert!(events.iter().any(|(r, _)| r == "IdTokenNotVerified"), "{name}: {events:?}");
+    }
+    assert_eq!(proxy.key_set_requests() - fetches, 1, "each waiting request fetched the keys again");
+}
+
+/// Issue 23, item 8: a grant deleted while its token request was in flight left memory and metric
+/// series behind (the reconcile's error path re-created them after the deletion was handled), until
+/// the next relist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_deleted_mid_refresh_leaves_no_memory_or_metric_series_behind() {
+    let mut env = Env::start(ttl(3600)).await;
+    let stub = FaultServer::start().await.unwrap();
+    stub.push(Fault::Delay(Duration::from_secs(3)));
+    env.create_grant("doomed", "user-token", |s| s.issuer_url = stub.base_url().to_owned()).await;
+    let (_operator, port) = env.start_operator_with(&["--allowed-issuer", stub.base_url()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stub.token_requests() == 0 {
+        assert!(Instant::now() < deadline, "no token request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.grants().delete("doomed", &Default::default()).await.unwrap();
+    // The answer comes 3 s after the request; its writes fail or land on a deleted grant.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let scrape = support::scrape(port).await;
+    assert_eq!(support::metric(&scrape, "wgtwo_operator_grants_in_memory", &[]), 0.0, "{scrape}");
+    let series: Vec<&str> = scrape.lines().filter(|l| !l.starts_with('#') && l.contains("name=\"doomed\"")).collect();
+    assert!(series.is_empty(), "{series:#?}");
 }

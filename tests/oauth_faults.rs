@@ -85,14 +85,53 @@ async fn slow_answer_times_out_as_transient_with_unknown_outcome() {
     assert_eq!(stub.token_requests(), 1);
 }
 
+/// Issue 23, item 5: a 2xx answer to a refresh means the server rotated the token. One whose body
+/// cannot be read at all must never lead to the old token being sent again (a reuse): it is
+/// permanent, not retried.
 #[tokio::test]
-async fn malformed_success_body_is_transient_with_unknown_outcome_and_never_quoted() {
+async fn an_unreadable_success_answer_to_a_refresh_is_permanent_with_unknown_outcome_and_never_quoted() {
     let leaky = r#"{"access_token": "leaky-token-in-a-broken-body", "token_type": "#;
     let (err, _stub) = refresh_with(Fault::Malformed(leaky.into()), Duration::from_secs(5)).await;
-    assert!(matches!(err, OAuthError::Malformed { .. }), "{err}");
-    assert_eq!(err.class(), ErrorClass::Transient);
+    assert!(matches!(err, OAuthError::AnswerUnusable { .. }), "{err}");
+    assert_eq!(err.class(), ErrorClass::Permanent, "the old token must not be sent again");
     assert!(err.outcome_unknown());
     assert!(!format!("{err} {err:?}").contains("leaky-token"), "{err:?}");
+}
+
+/// Issue 23, item 5: openidconnect parses the ID token while deserialising the answer, so an ID
+/// token it cannot parse (an unexpected `alg`, a claim of another type) failed the whole answer,
+/// and the rotated refresh token in it was lost. The tokens are now read from the raw body.
+#[tokio::test]
+async fn a_success_answer_the_typed_parser_refuses_keeps_its_rotated_refresh_token() {
+    let body = serde_json::json!({
+        "access_token": "stub-access-raw",
+        "refresh_token": "stub-refresh-raw",
+        "token_type": "bearer",
+        "expires_in": 3600,
+        "scope": "phone offline_access",
+        // Not a JWS: refused by the typed parser.
+        "id_token": "not-a-jwt",
+    });
+    let stub = FaultServer::start().await.unwrap();
+    let wgtwo = client(&stub, Duration::from_secs(5)).await;
+    stub.push(Fault::Malformed(body.to_string()));
+    let mut journaled = None;
+    let answer = wgtwo
+        .refresh_then(&RefreshToken::new("stub-refresh-token".into()), None, |tokens| {
+            journaled = tokens.refresh_token.as_ref().map(|t| t.secret().clone())
+        })
+        .await
+        .unwrap();
+    assert_eq!(journaled.as_deref(), Some("stub-refresh-raw"), "handed to the caller before anything else");
+    let tokens = answer.tokens;
+    assert_eq!(tokens.access_token.secret(), "stub-access-raw");
+    assert_eq!(tokens.scope.as_deref(), Some("phone offline_access"));
+    assert!(tokens.expires_at.is_some());
+    assert!(tokens.id_token.is_none());
+    let problem = tokens.id_token_error.unwrap();
+    assert!(problem.contains("could not be read in full") && problem.contains("id_token"), "{problem}");
+    assert!(!problem.contains("not-a-jwt") && !problem.contains("stub-"), "{problem}");
+    assert_eq!(stub.token_requests(), 1);
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use std::path::Path;
 pub const DATA_LINK: &str = "..data";
 const DATA_LINK_TMP: &str = "..data_tmp";
 /// One file with every key as JSON: a consistent set in a single read.
-pub const JSON_FILE: &str = "token.json";
+pub const JSON_FILE: &str = crate::api::TARGET_FILE_TOKEN_JSON;
 
 /// Writes `files` as the new version in `dir` with `mode` and returns the version directory's name.
 /// Names starting with `..` are refused (they are the writer's own).

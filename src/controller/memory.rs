@@ -17,6 +17,7 @@ use kube::runtime::reflector::ObjectRef;
 use tokio::sync::OnceCell;
 
 use super::secret_cache::at_least_as_new;
+use super::template::TemplateError;
 use crate::api::{WgtwoGrant, WgtwoGrantStatus};
 use crate::metrics::Metrics;
 use crate::oauth::secrets::RefreshToken;
@@ -79,7 +80,12 @@ struct GrantMemory {
     client: Option<Arc<str>>,
     /// The status this process last wrote and its resourceVersion, until the grant watch shows it.
     status: Option<Box<(String, WgtwoGrantStatus)>>,
+    /// Whether the grant's template passed its check, at the generation it was checked.
+    template: Option<Box<TemplateVerdict>>,
 }
+
+/// A template check's outcome and the grant generation it was made at.
+type TemplateVerdict = (Option<i64>, Result<(), TemplateError>);
 
 type ClientCell = Arc<OnceCell<Arc<WgtwoClient>>>;
 
@@ -160,6 +166,29 @@ impl Memory {
             return None;
         }
         Some(status.clone())
+    }
+
+    /// Remembers the outcome of checking the grant's template at `generation` (the check renders
+    /// it: CPU the grant's author controls, spent once per spec change, not per reconcile).
+    pub fn checked_template(
+        &self,
+        key: &ObjectRef<WgtwoGrant>,
+        generation: Option<i64>,
+        verdict: Result<(), TemplateError>,
+    ) {
+        let mut grants = self.grants.lock().unwrap();
+        grants.entry(slim(key)).or_default().template = Some(Box::new((generation, verdict)));
+    }
+
+    /// The outcome of checking the grant's template, if it was checked at `generation`.
+    pub fn template_verdict(
+        &self,
+        key: &ObjectRef<WgtwoGrant>,
+        generation: Option<i64>,
+    ) -> Option<Result<(), TemplateError>> {
+        let grants = self.grants.lock().unwrap();
+        let (at, verdict) = grants.get(key)?.template.as_deref()?;
+        (*at == generation).then(|| verdict.clone())
     }
 
     /// A failed token request was recorded in the status.
@@ -387,6 +416,17 @@ mod tests {
         );
         memory.published(&key("a"));
         assert!(memory.pending(&key("a")).is_none());
+    }
+
+    #[test]
+    fn a_template_verdict_holds_for_the_generation_it_was_checked_at() {
+        let memory = Memory::new(Metrics::new());
+        assert_eq!(memory.template_verdict(&key("a"), Some(1)), None);
+        memory.checked_template(&key("a"), Some(1), Err(TemplateError("bad".into())));
+        assert_eq!(memory.template_verdict(&key("a"), Some(1)), Some(Err(TemplateError("bad".into()))));
+        assert_eq!(memory.template_verdict(&key("a"), Some(2)), None, "a spec change is checked again");
+        memory.forget(&key("a"));
+        assert_eq!(memory.template_verdict(&key("a"), Some(1)), None);
     }
 
     #[test]

@@ -217,14 +217,34 @@ impl Context {
         self.memory.next_api_backoff(key, self.options.min_backoff, self.options.max_backoff)
     }
 
-    /// Forgets a grant that is gone: its memory and its journal entry.
+    /// Forgets a grant that is gone: its memory, its metric series and its journal entry.
     fn forget(&self, key: &ObjectRef<WgtwoGrant>) {
         self.memory.forget(key);
+        self.shared.metrics.forget_grant(key.namespace.as_deref().unwrap_or_default(), &key.name);
         if let Some(journal) = &self.shared.journal
             && let Err(err) = journal.remove(key)
         {
             warn!(namespace = key.namespace.as_deref().unwrap_or_default(), grant = %key.name, error = %err, "could not remove the journal entry of a deleted grant");
         }
+    }
+
+    /// The grant's template, checked once per generation: the check renders it (CPU its author
+    /// controls), and a reconcile with nothing to do should not.
+    fn template<'g>(
+        &self,
+        key: &ObjectRef<WgtwoGrant>,
+        grant: &'g WgtwoGrant,
+    ) -> Result<Option<template::Template<'g>>, template::TemplateError> {
+        let spec = grant.spec.target.template.as_ref();
+        let generation = grant.metadata.generation;
+        if let Some(verdict) = self.memory.template_verdict(key, generation) {
+            return verdict.map(|()| template::Template::checked(spec));
+        }
+        let compiled = template::compile(spec, &self.options.template_metadata_prefixes);
+        if !compiled.as_ref().is_ok_and(Option::is_none) {
+            self.memory.checked_template(key, generation, compiled.as_ref().map(|_| ()).map_err(Clone::clone));
+        }
+        compiled
     }
 
     fn client_config(&self, issuer: &str, inputs: &inputs::Inputs) -> ClientConfig {
@@ -300,7 +320,6 @@ pub async fn run(
                 watch_ctx.memory.own_status(&ObjectRef::from_obj(g), g.resource_version().as_deref());
             }
             watcher::Event::Delete(g) => {
-                metrics.forget_grant(&g.namespace().unwrap_or_default(), &g.name_any());
                 watch_ctx.forget(&ObjectRef::from_obj(g));
                 grant_index.remove(g);
             }
@@ -463,7 +482,14 @@ fn error_policy(grant: Arc<WgtwoGrant>, err: &Error, ctx: Arc<Context>) -> Actio
         Error::Kube(_) => reason::KUBERNETES_API,
         Error::PersistFailed(_) => reason::PERSIST_FAILED,
     });
-    let delay = ctx.api_backoff(&ObjectRef::from_obj(&*grant));
+    let key = ObjectRef::from_obj(&*grant);
+    if is_gone(&ctx, &key, &grant) {
+        // Deleted while it was reconciled (its error is likely that): remember nothing of it.
+        debug!(namespace = grant.namespace().unwrap_or_default(), grant = %grant.name_any(), error = %err, "reconcile error of a deleted grant");
+        ctx.forget(&key);
+        return Action::await_change();
+    }
+    let delay = ctx.api_backoff(&key);
     warn!(namespace = grant.namespace().unwrap_or_default(), grant = %grant.name_any(), error = %err, retry_in = ?delay, "reconcile error");
     Action::requeue(delay)
 }
@@ -504,15 +530,20 @@ async fn reconcile(grant: Arc<WgtwoGrant>, ctx: Arc<Context>) -> Result<Action, 
         secrets: Api::namespaced(ctx.client.clone(), &ns),
         grants: Api::namespaced(ctx.client.clone(), &ns),
         ns,
-        template: template::compile(grant.spec.target.template.as_ref(), &ctx.options.template_metadata_prefixes),
+        template: ctx.template(&key, &grant),
     };
     let result = run.reconcile().await;
     // Deleted while this reconcile ran: the watch has forgotten it already, and what this
     // reconcile remembered must go too.
-    if ctx.grants.get(&key).is_none_or(|g| g.uid() != grant.uid()) {
+    if is_gone(&ctx, &key, &grant) {
         ctx.forget(&key);
     }
     result
+}
+
+/// Whether the grant cache no longer holds this grant object (deleted, or deleted and created again).
+fn is_gone(ctx: &Context, key: &ObjectRef<WgtwoGrant>, grant: &WgtwoGrant) -> bool {
+    ctx.grants.get(key).is_none_or(|g| g.uid() != grant.uid())
 }
 
 impl Run<'_> {
@@ -550,7 +581,7 @@ impl Run<'_> {
                 self.ctx.memory.published(&self.key);
                 return Ok(Action::requeue(Duration::from_millis(200)));
             }
-            let next = self.publish(pending, state.as_ref(), target.as_ref(), None).await?;
+            let (next, _) = self.publish(pending, state.as_ref(), target.as_ref(), None).await?;
             self.ctx.memory.reset_api_backoff(&self.key);
             // This reconcile's view of the grant predates the publish; decide afresh next time.
             return Ok(Action::requeue(until(Timestamp::now(), next)));
@@ -664,6 +695,29 @@ impl Run<'_> {
                 self.unjournal();
                 Ok(None)
             }
+        }
+    }
+
+    /// The rotated refresh token is held only in memory (and the journal): the status says so, as
+    /// the grant would not survive a restart without the journal. Best effort: the apiserver that
+    /// refused the write may refuse this too.
+    async fn report_persist_failure(&self, failure: &Error, target: Option<&Secret>) {
+        let valid = target.and_then(target::published_token).filter(|t| t.expires_at > Timestamp::now());
+        let still_valid = match valid {
+            Some(t) => format!(" The published access token stays valid until {}.", t.expires_at),
+            None => " No valid access token is published.".into(),
+        };
+        let message = format!(
+            "The rotated refresh token could not be written to Secret {}: {failure}. Until it is, a restart of the operator without its journal ends this grant.{still_valid}",
+            self.state_name()
+        );
+        let why = reason::PERSIST_FAILED;
+        let changed = status::previous_ready(self.current_status().as_ref()).is_none_or(|c| c.reason != why);
+        if changed {
+            self.event(EventType::Warning, why, message.clone()).await;
+        }
+        if let Err(err) = self.set_ready(valid.is_some(), why, message, |_| {}).await {
+            debug!(error = %err, "could not report the failed state write in the status");
         }
     }
 
@@ -919,29 +973,26 @@ impl Run<'_> {
         let received = at.0;
         // Kept before anything else can fail or wait: from here on the rotated refresh token is
         // removed only once the state Secret holds it.
-        let tokens = result.map(|tokens| {
-            let pending = pending(tokens, at);
-            if pending.tokens.id_token.is_some() {
-                self.journal(&chosen.refresh_token, &pending, Journaling::VerifiedClaims);
-            }
+        let answer = result.map(|answer| {
+            let pending = pending(answer.tokens.clone(), at);
             self.ctx.memory.keep(&self.key, pending.clone());
-            pending
+            (pending, answer)
         });
-        let outcome = request_result(tokens.as_ref().err());
+        let outcome = request_result(answer.as_ref().err());
         let seconds = received.duration_since(sent).as_secs_f64();
         self.ctx.shared.metrics.token_request(GRANT_TYPE_REFRESH_TOKEN, outcome, seconds);
         self.ctx.shared.metrics.grant_refresh(&self.ns, &self.grant.name_any(), outcome);
-        let pending = match tokens {
-            Ok(pending) => pending,
+        let (pending, answer) = match answer {
+            Ok(answer) => answer,
             Err(err) => {
                 let refused = Refused { chosen, fingerprint, state: state_secret.as_ref() };
                 return self.refresh_failed(err, Some(refused), published).await;
             }
         };
-        // The tokens are good; only the ID token is not (the client already fetched the issuer's
-        // keys again if it named an unknown one). Publish first: the rotated refresh token must not wait.
-        let id_token_problem = pending.tokens.id_token_error.clone();
-        let next = self.publish(pending, state_secret.as_ref(), target_secret.as_ref(), Some(&client)).await?;
+        // The state Secret first; the ID token is verified after (it may fetch the issuer's keys).
+        let verify = Verify { client: &client, answer, presented: &chosen.refresh_token };
+        let (next, id_token_problem) =
+            self.publish(pending, state_secret.as_ref(), target_secret.as_ref(), Some(verify)).await?;
         self.ctx.memory.reset_api_backoff(&self.key);
         if schedule::announce(why, recovering) {
             self.event(EventType::Normal, reason::REFRESHED, format!("Access token refreshed: {}", why.as_str())).await;
@@ -958,16 +1009,17 @@ impl Run<'_> {
 
     /// Writes the answer: rotated refresh token first, then the access token, then the status. The
     /// answer stays kept in memory until all three succeeded (a retried write of the same token is
-    /// harmless). With `client`, a phone number the ID token did not carry is asked from userinfo,
-    /// once per authorization. Returns when the next refresh is due.
+    /// harmless). With `verify` (a fresh answer), its ID token is verified after the state write
+    /// (whether or not that succeeded), and a phone number the ID token did not carry is asked from
+    /// userinfo, once per authorization. Returns when the next refresh is due, and why the ID token
+    /// did not verify, if it did not.
     async fn publish(
         &self,
-        pending: Pending,
+        mut pending: Pending,
         state: Option<&Secret>,
         target: Option<&Secret>,
-        client: Option<&WgtwoClient>,
-    ) -> Result<Timestamp, Error> {
-        let id_token_phone = pending.tokens.id_token.as_ref().and_then(|id| id.phone_number.clone());
+        verify: Option<Verify<'_>>,
+    ) -> Result<(Timestamp, Option<String>), Error> {
         let known = state
             .and_then(|s| s.data.as_ref())
             .and_then(lineage::decode)
@@ -975,7 +1027,8 @@ impl Run<'_> {
             .and_then(|s| s.phone);
         // A token whose granted scope lacks `phone` carries no phone number: nothing to ask userinfo.
         let not_granted = target::phone_not_granted(pending.tokens.scope.as_deref()).then_some(None);
-        let mut phone = id_token_phone.map(Some).or(known).or(not_granted);
+        let claimed = |p: &Pending| p.tokens.id_token.as_ref().and_then(|id| id.phone_number.clone()).map(Some);
+        let written_phone = claimed(&pending).or(known.clone()).or(not_granted.clone());
         let lineage_state = |phone: Option<Option<String>>| RefreshState {
             refresh_token: pending.refresh_token.clone(),
             source: pending.source.clone(),
@@ -984,32 +1037,56 @@ impl Run<'_> {
             phone,
         };
         let mut state = state.cloned();
+        let mut persist_failure = None;
         if !pending.persisted {
             // Bounded so that it ends inside the Lease margin the request was sent with.
             let name = self.state_name();
-            let write = self.write_secret(
-                &name,
-                state.as_ref(),
-                lineage::encode(&lineage_state(phone.clone())),
-                BTreeMap::new(),
-                BTreeMap::new(),
-            );
+            let data = lineage::encode(&lineage_state(written_phone.clone()));
+            let write = self.write_secret(&name, state.as_ref(), data, BTreeMap::new(), BTreeMap::new());
             match tokio::time::timeout(PERSIST_BUDGET, write).await {
                 Ok(Ok(written)) => {
+                    pending.persisted = true;
                     self.ctx.memory.persisted(&self.key);
                     self.unjournal();
                     state = Some(written);
+                    // The crash window of a rotating refresh token: answer received -> state written.
+                    info!(
+                        persist_ms = pending.received.elapsed().as_millis() as u64,
+                        "rotated refresh token persisted"
+                    );
                 }
-                Ok(Err(err)) => return Err(Error::PersistFailed(kube_message(&err))),
+                Ok(Err(err)) => persist_failure = Some(Error::PersistFailed(kube_message(&err))),
                 Err(_) => {
-                    return Err(Error::PersistFailed(format!(
+                    persist_failure = Some(Error::PersistFailed(format!(
                         "no answer from the Kubernetes API within {}s",
                         PERSIST_BUDGET.as_secs()
-                    )));
+                    )))
                 }
             }
-            // The crash window of a rotating refresh token: answer received -> state written.
-            info!(persist_ms = pending.received.elapsed().as_millis() as u64, "rotated refresh token persisted");
+        }
+        let client = verify.as_ref().map(|v| v.client);
+        if let Some(Verify { client, mut answer, presented }) = verify {
+            client.verify_refreshed(&mut answer).await;
+            pending.tokens.id_token = answer.tokens.id_token;
+            pending.tokens.id_token_error = answer.tokens.id_token_error;
+            // A retry of the write (or the journal's replay) publishes the claims too.
+            self.ctx.memory.keep(&self.key, pending.clone());
+            if !pending.persisted && pending.tokens.id_token.is_some() {
+                self.journal(presented, &pending, Journaling::VerifiedClaims);
+            }
+        }
+        if let Some(failure) = persist_failure {
+            self.report_persist_failure(&failure, target).await;
+            return Err(failure);
+        }
+        let mut phone = claimed(&pending).or(known).or(not_granted);
+        if phone.is_some() && phone != written_phone {
+            // Learnt from the ID token after the state write: remembered for this lineage.
+            let data = lineage::encode(&lineage_state(phone.clone()));
+            match self.write_secret(&self.state_name(), state.as_ref(), data, BTreeMap::new(), BTreeMap::new()).await {
+                Ok(written) => state = Some(written),
+                Err(err) => warn!(error = %kube_message(&err), "could not remember the phone number"),
+            }
         }
         if let (None, Some(client)) = (&phone, client) {
             // A provider may give scope-granted claims only from userinfo (OpenID Connect Core
@@ -1034,7 +1111,7 @@ impl Run<'_> {
         let phone = phone.flatten().or_else(|| target.and_then(target::phone_number));
         let next = self.publish_token(&pending.tokens, times, phone, target, metrics::source::REQUESTED).await?;
         self.ctx.memory.published(&self.key);
-        Ok(next)
+        Ok((next, pending.tokens.id_token_error))
     }
 
     /// Writes the access token to the target Secret, then the status. Returns when the next
@@ -1091,7 +1168,7 @@ impl Run<'_> {
         if err.class() == ErrorClass::Permanent {
             let (why, advice) = self.permanent_advice(&err);
             if let Some(Refused { chosen, fingerprint, state }) = refused
-                && matches!(err, OAuthError::Rejected { .. })
+                && matches!(err, OAuthError::Rejected { .. } | OAuthError::AnswerUnusable { .. })
             {
                 // Remember that these inputs were refused, so they are not sent again.
                 let data = lineage::encode(&RefreshState {
@@ -1196,6 +1273,12 @@ impl Run<'_> {
             None if matches!(err, OAuthError::Discovery { .. }) => {
                 (reason::DISCOVERY_FAILED, "Check spec.issuerUrl: it must be the identity service's base URL".into())
             }
+            None if matches!(err, OAuthError::AnswerUnusable { .. }) => (
+                reason::REFRESH_OUTCOME_UNKNOWN,
+                format!(
+                    "The refresh token is used up and its successor was lost with the answer, so it is not sent again (that would be a reuse). {reauthorize}"
+                ),
+            ),
             None => (reason::REFRESH_REJECTED, "Check spec.issuerUrl and the client Secret".into()),
         }
     }
@@ -1427,6 +1510,14 @@ impl Run<'_> {
             warn!(error = %err, "could not publish an Event");
         }
     }
+}
+
+/// A fresh refresh answer, for [`Run::publish`] to verify once its rotated refresh token is safe.
+struct Verify<'a> {
+    client: &'a WgtwoClient,
+    answer: crate::oauth::RefreshAnswer,
+    /// The refresh token the answer rotated (for the journal).
+    presented: &'a RefreshToken,
 }
 
 /// A subscriber's refresh that failed: what it presented, so a refusal can be remembered.

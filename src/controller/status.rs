@@ -17,6 +17,9 @@ pub mod reason {
     pub const UNAUTHORIZED_CLIENT: &str = "UnauthorizedClient";
     pub const INVALID_SCOPE: &str = "InvalidScope";
     pub const REFRESH_REJECTED: &str = "RefreshRejected";
+    /// The identity service accepted a refresh, and its answer could not be read: the refresh
+    /// token is used up, its successor unknown.
+    pub const REFRESH_OUTCOME_UNKNOWN: &str = "RefreshOutcomeUnknown";
     /// A product token request was refused for a reason other than the client or the scope.
     pub const TOKEN_REQUEST_REJECTED: &str = "TokenRequestRejected";
     pub const DISCOVERY_FAILED: &str = "DiscoveryFailed";

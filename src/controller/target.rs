@@ -10,11 +10,11 @@ use super::schedule::TokenTimes;
 use super::template::{ANNOTATION_TEMPLATE_HASH, Template, TemplateError, Values};
 use crate::oauth::TokenSet;
 
-pub const KEY_ACCESS_TOKEN: &str = "access_token";
-pub const KEY_TOKEN_TYPE: &str = "token_type";
-pub const KEY_EXPIRES_AT: &str = "expires_at";
-pub const KEY_SCOPE: &str = "scope";
-pub const KEY_PHONE_NUMBER: &str = "phone_number";
+pub use crate::api::{
+    TARGET_KEY_ACCESS_TOKEN as KEY_ACCESS_TOKEN, TARGET_KEY_EXPIRES_AT as KEY_EXPIRES_AT,
+    TARGET_KEY_PHONE_NUMBER as KEY_PHONE_NUMBER, TARGET_KEY_SCOPE as KEY_SCOPE,
+    TARGET_KEY_TOKEN_TYPE as KEY_TOKEN_TYPE,
+};
 /// When the published token was issued (RFC 3339): with `expires_at` it gives the lifetime the
 /// schedule needs, also after a restart.
 pub const ANNOTATION_REFRESHED_AT: &str = "auth.wgtwo.com/refreshed-at";

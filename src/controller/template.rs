@@ -161,6 +161,14 @@ pub fn compile<'a>(
     Ok(Some(template))
 }
 
+impl<'a> Template<'a> {
+    /// A template that passed [`compile`] before, at the same generation of its grant.
+    pub fn checked(spec: Option<&'a TargetTemplate>) -> Option<Self> {
+        let spec = spec.filter(|t| !(t.labels.is_empty() && t.annotations.is_empty() && t.data.is_empty()))?;
+        Some(Template { spec, hash: hash(spec) })
+    }
+}
+
 impl Template<'_> {
     pub fn hash(&self) -> &str {
         &self.hash

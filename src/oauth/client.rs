@@ -27,6 +27,78 @@ use super::http::{HttpClient, HttpFailure};
 use super::secrets::{AccessToken, AuthorizationCode, ClientSecret, CsrfToken, Nonce, RefreshToken};
 use super::token::{IdTokenInfo, TokenSet};
 
+/// After a failed fetch of the issuer's keys, how long an ID token naming an unknown key fails at
+/// once instead of fetching again.
+const KEY_FETCH_RETRY: Duration = Duration::from_secs(30);
+
+/// A refresh answer: its tokens, and the response whose ID token is still to be verified.
+pub struct RefreshAnswer {
+    pub tokens: TokenSet,
+    /// `None` without an ID token, once verified, or when the answer was read from its raw body.
+    response: Option<CoreTokenResponse>,
+}
+
+/// The HTTP client of one token request, keeping the body of a 2xx answer: when the typed parser
+/// refuses it, the rotated refresh token in it must not be lost with the parse error.
+struct Capture<'h> {
+    http: &'h HttpClient,
+    body: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Capture<'_> {
+    type Error = HttpFailure;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<oauth2::HttpResponse, HttpFailure>> + Send + 'c>>;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let response = self.http.send(request).await?;
+            if response.status().is_success() {
+                *self.body.lock().unwrap() = Some(response.body().clone());
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// The tokens of a 2xx token answer read as plain JSON (RFC 6749 5.1), for an answer the typed
+/// parser refused. `None` without an access token.
+fn raw_token_set(body: &[u8], received_at: Timestamp) -> Option<TokenSet> {
+    let json: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let text = |key: &str| json.get(key).and_then(|v| v.as_str()).filter(|s| !s.is_empty()).map(str::to_owned);
+    Some(TokenSet {
+        access_token: AccessToken::new(text("access_token")?),
+        refresh_token: text("refresh_token").map(RefreshToken::new),
+        token_type: text("token_type").unwrap_or_else(|| "bearer".into()),
+        expires_at: json
+            .get("expires_in")
+            .and_then(|v| v.as_u64())
+            .and_then(|s| received_at.checked_add(jiff::SignedDuration::from_secs(s as i64)).ok()),
+        scope: text("scope"),
+        id_token: None,
+        id_token_error: None,
+    })
+}
+
+/// Why the typed parser refused an answer, without a value from it (serde's messages can quote one).
+fn unparsed<T>(err: &RequestTokenError<HttpFailure, StandardErrorResponse<T>>) -> String
+where
+    T: openidconnect::ErrorResponseType + Serialize + std::fmt::Display,
+{
+    match err {
+        RequestTokenError::Parse(e, _) => {
+            format!(
+                "{:?} error at {}, line {} column {}",
+                e.inner().classify(),
+                e.path(),
+                e.inner().line(),
+                e.inner().column()
+            )
+        }
+        _ => "not a JSON token response".into(),
+    }
+}
+
 /// The identity service the official wgtwo SDK talks to by default.
 pub const DEFAULT_ISSUER_URL: &str = crate::api::DEFAULT_ISSUER_URL;
 
@@ -100,8 +172,9 @@ pub struct WgtwoClient {
     /// What discovery said, to rebuild `oidc` with new keys.
     metadata: Metadata,
     settings: OidcSettings,
-    /// One fetch of the issuer's keys at a time (per client, so per issuer).
-    key_fetch: tokio::sync::Mutex<()>,
+    /// One fetch of the issuer's keys at a time (per client, so per issuer), and when the last one
+    /// failed: the requests that waited for it do not each fetch again.
+    key_fetch: tokio::sync::Mutex<Option<std::time::Instant>>,
     http: HttpClient,
     issuer: String,
     client_id: String,
@@ -174,7 +247,7 @@ impl WgtwoClient {
             oidc,
             metadata,
             settings,
-            key_fetch: tokio::sync::Mutex::new(()),
+            key_fetch: tokio::sync::Mutex::new(None),
             http,
             issuer,
             client_id: config.client_id,
@@ -261,19 +334,28 @@ impl WgtwoClient {
     /// when its ID token fails verification (then `id_token_error` says why): by then the server has
     /// rotated the refresh token, and the new one must not be dropped.
     pub async fn refresh(&self, refresh_token: &RefreshToken, scope: Option<&str>) -> Result<TokenSet, OAuthError> {
-        self.refresh_then(refresh_token, scope, |_| {}).await
+        let mut answer = self.refresh_then(refresh_token, scope, |_| {}).await?;
+        self.verify_refreshed(&mut answer).await;
+        Ok(answer.tokens)
     }
 
-    /// [`Self::refresh`], calling `answered` with the parsed answer as soon as it is there: before the
-    /// ID token is verified (which may fetch the issuer's keys), so that a caller can put the rotated
-    /// refresh token somewhere safe first. The set given to `answered` has no ID token claims yet.
+    /// The token request of [`Self::refresh`], calling `answered` with the answer's tokens as soon
+    /// as they are there, before anything else (no await in between), so that a caller can put the
+    /// rotated refresh token somewhere safe first. The ID token is not verified yet (that may fetch
+    /// the issuer's keys): [`Self::verify_refreshed`] does it, once the token is safe.
+    ///
+    /// A 2xx answer that the typed parser refuses (openidconnect parses the ID token's header while
+    /// deserialising: an unexpected `alg` or claim type fails the whole answer) still rotated the
+    /// refresh token at the server: its tokens are then read from the raw body, with the problem in
+    /// `id_token_error`. Only when the raw body has no access token is it
+    /// [`OAuthError::AnswerUnusable`]: the presented token is used up, and must not be sent again.
     #[instrument(skip_all, fields(issuer = %self.issuer))]
     pub async fn refresh_then(
         &self,
         refresh_token: &RefreshToken,
         scope: Option<&str>,
         answered: impl FnOnce(&TokenSet),
-    ) -> Result<TokenSet, OAuthError> {
+    ) -> Result<RefreshAnswer, OAuthError> {
         const OP: &str = "refresh";
         let oidc = self.oidc();
         let mut request =
@@ -281,16 +363,45 @@ impl WgtwoClient {
         if let Some(scope) = scope {
             request = request.add_scopes(scope.split_whitespace().map(|s| Scope::new(s.to_owned())));
         }
-        let response = request.request_async(&self.http).await.map_err(|e| request_error(OP, e))?;
-        let mut tokens = token_set(&response, Timestamp::now());
-        answered(&tokens);
+        let capture = Capture { http: &self.http, body: Default::default() };
+        let result = request.request_async(&capture).await;
+        let received = Timestamp::now();
+        let answer = match result {
+            Ok(response) => {
+                let tokens = token_set(&response, received);
+                let response = response.id_token().is_some().then_some(response);
+                RefreshAnswer { tokens, response }
+            }
+            Err(err @ (RequestTokenError::Parse(..) | RequestTokenError::Other(_))) => {
+                let Some(body) = capture.body.lock().unwrap().take() else {
+                    // Not a 2xx answer (e.g. an error body of an unexpected shape).
+                    return Err(request_error(OP, err));
+                };
+                let problem = unparsed(&err);
+                let Some(mut tokens) = raw_token_set(&body, received) else {
+                    return Err(OAuthError::AnswerUnusable { operation: OP, message: problem });
+                };
+                tokens.id_token_error = Some(format!(
+                    "the answer could not be read in full ({problem}); its tokens were read from it as sent"
+                ));
+                RefreshAnswer { tokens, response: None }
+            }
+            Err(err) => return Err(request_error(OP, err)),
+        };
+        answered(&answer.tokens);
+        debug!(rotated = answer.tokens.refresh_token.is_some(), "refreshed access token");
+        Ok(answer)
+    }
+
+    /// Verifies the ID token of a refresh answer (see [`Self::refresh_then`]), fetching the issuer's
+    /// keys again if it names an unknown one: sets `tokens.id_token`, or `id_token_error`.
+    pub async fn verify_refreshed(&self, answer: &mut RefreshAnswer) {
+        let Some(response) = answer.response.take() else { return };
         // A refreshed ID token carries no new nonce to check (OpenID Connect Core 12.2).
-        match self.verify_id_token(OP, &response, |_: Option<&Nonce>| Ok(())).await {
-            Ok(id_token) => tokens.id_token = id_token,
-            Err(err) => tokens.id_token_error = Some(err.to_string()),
+        match self.verify_id_token("refresh", &response, |_: Option<&Nonce>| Ok(())).await {
+            Ok(id_token) => answer.tokens.id_token = id_token,
+            Err(err) => answer.tokens.id_token_error = Some(err.to_string()),
         }
-        debug!(rotated = tokens.refresh_token.is_some(), "refreshed access token");
-        Ok(tokens)
     }
 
     /// The client credentials grant (no user involved).
@@ -365,17 +476,30 @@ impl WgtwoClient {
             Err(Unverified { unknown_key: true, .. }) => {}
             other => return other.map(Some).map_err(|e| fail(e.message)),
         }
-        let _one_fetch = self.key_fetch.lock().await;
+        let mut last_failure = self.key_fetch.lock().await;
         // Another request may have fetched them meanwhile.
         if let Ok(info) = verify(&self.oidc(), id_token, response, nonce) {
             return Ok(Some(info));
         }
+        // ... or failed to: then so would this one, and every request behind it would wait for
+        // its own fetch in turn.
+        if let Some(failed) = *last_failure
+            && failed.elapsed() < KEY_FETCH_RETRY
+        {
+            return Err(fail(format!(
+                "signed with an unknown key, and fetching the issuer's keys again failed {}s ago (tried again after {}s)",
+                failed.elapsed().as_secs(),
+                KEY_FETCH_RETRY.as_secs()
+            )));
+        }
         let keys = CoreJsonWebKeySet::fetch_async(self.metadata.jwks_uri(), &self.http).await.map_err(|e| {
+            *last_failure = Some(std::time::Instant::now());
             fail(format!(
                 "signed with an unknown key, and fetching the issuer's keys again failed: {}",
                 discovery_error(&self.issuer, e)
             ))
         })?;
+        *last_failure = None;
         debug!(keys = keys.keys().len(), "fetched the issuer's signing keys again");
         let oidc = Arc::new(build_oidc(self.metadata.clone().set_jwks(keys), &self.settings));
         *self.oidc.write().unwrap_or_else(|e| e.into_inner()) = oidc.clone();

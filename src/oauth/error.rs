@@ -30,6 +30,13 @@ pub enum OAuthError {
     /// The server answered 2xx with a body we cannot use.
     #[error("{operation}: malformed response from the identity service: {message}")]
     Malformed { operation: &'static str, message: String },
+    /// A 2xx answer to a refresh without an access token in it: the server accepted (so rotated)
+    /// the refresh token, and the answer that held its successor cannot be read. Sending the old
+    /// token again would be a reuse.
+    #[error(
+        "{operation}: the identity service accepted the refresh token, and its answer could not be read ({message})"
+    )]
+    AnswerUnusable { operation: &'static str, message: String },
     /// An ID token failed verification (signature, issuer, audience, expiry, nonce, at_hash).
     #[error("{operation}: ID token rejected: {message}")]
     IdToken { operation: &'static str, message: String },
@@ -55,7 +62,9 @@ impl OAuthError {
             OAuthError::Rejected { error, description, .. } => classify_rejection(error, description.as_deref()),
             OAuthError::Status { status, .. } => classify_status(*status),
             OAuthError::Transport { .. } | OAuthError::Malformed { .. } => ErrorClass::Transient,
-            OAuthError::IdToken { .. } | OAuthError::Invalid(_) => ErrorClass::Permanent,
+            OAuthError::IdToken { .. } | OAuthError::Invalid(_) | OAuthError::AnswerUnusable { .. } => {
+                ErrorClass::Permanent
+            }
             OAuthError::Discovery { class, .. } => *class,
         }
     }
@@ -83,7 +92,7 @@ impl OAuthError {
     pub fn outcome_unknown(&self) -> bool {
         match self {
             OAuthError::Transport { sent, .. } => *sent,
-            OAuthError::Malformed { .. } => true,
+            OAuthError::Malformed { .. } | OAuthError::AnswerUnusable { .. } => true,
             // A 5xx may come from a proxy after the server acted; 429 and 408 are refusals.
             OAuthError::Status { status, .. } => *status >= 500,
             _ => false,

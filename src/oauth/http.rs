@@ -57,7 +57,7 @@ impl HttpClient {
         Ok(Self { inner })
     }
 
-    async fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpFailure> {
+    pub(crate) async fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpFailure> {
         let request = reqwest::Request::try_from(request).map_err(transport)?;
         let response = self.inner.execute(request).await.map_err(transport)?;
         let status = response.status();

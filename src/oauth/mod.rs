@@ -11,6 +11,6 @@ pub mod token;
 
 pub use authorization::{AuthorizationRequest, CallbackOutcome, PendingAuthorization, Prompt, parse_callback};
 pub use cached::CachedTokenSource;
-pub use client::{ClientConfig, UserInfo, WgtwoClient};
+pub use client::{ClientConfig, RefreshAnswer, UserInfo, WgtwoClient};
 pub use error::{ErrorClass, OAuthError};
 pub use token::{IdTokenInfo, TokenSet};

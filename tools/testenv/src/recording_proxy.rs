@@ -75,7 +75,14 @@ struct Shared {
     hold_ms: AtomicU64,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// Requests for the issuer's signing keys (the JWKS), and how to answer them.
+    key_set_requests: AtomicUsize,
+    key_set_hold_ms: AtomicU64,
+    key_set_fails: std::sync::atomic::AtomicBool,
 }
+
+/// Hydra's `jwks_uri`.
+const KEY_SET_PATH: &str = "/.well-known/jwks.json";
 
 pub struct RecordingProxy {
     shared: Arc<Shared>,
@@ -132,6 +139,21 @@ impl RecordingProxy {
         self.shared.hold_ms.store(hold.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// Holds each answer to a request for the signing keys this long (zero: at once).
+    pub fn hold_key_set(&self, hold: Duration) {
+        self.shared.key_set_hold_ms.store(hold.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Answers requests for the signing keys with a 503 (after any hold) while `fail` is set.
+    pub fn fail_key_set(&self, fail: bool) {
+        self.shared.key_set_fails.store(fail, Ordering::SeqCst);
+    }
+
+    /// Requests for the signing keys so far.
+    pub fn key_set_requests(&self) -> usize {
+        self.shared.key_set_requests.load(Ordering::SeqCst)
+    }
+
     /// Token requests sent on to Hydra whose answer has not yet been passed back.
     pub fn token_requests_in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::SeqCst)
@@ -178,6 +200,16 @@ async fn forward(State((shared, up)): State<(Arc<Shared>, Arc<Upstream>)>, reque
         return (StatusCode::BAD_REQUEST, "body too large").into_response();
     };
     let is_token = parts.uri.path() == "/oauth2/token";
+    if parts.uri.path() == KEY_SET_PATH {
+        shared.key_set_requests.fetch_add(1, Ordering::SeqCst);
+        let hold = shared.key_set_hold_ms.load(Ordering::SeqCst);
+        if hold > 0 {
+            tokio::time::sleep(Duration::from_millis(hold)).await;
+        }
+        if shared.key_set_fails.load(Ordering::SeqCst) {
+            return (StatusCode::SERVICE_UNAVAILABLE, "key set unavailable (test)").into_response();
+        }
+    }
     let _in_flight = is_token.then(|| InFlight::enter(&shared));
     let request = is_token.then(|| {
         let mut requests = shared.requests.lock().unwrap();
