@@ -1,0 +1,196 @@
+//! The controller's wiring: the grant watch and the two Secret watches (metadata of every Secret,
+//! the operator's own Secrets with data) that feed the caches, the index and the reconcile
+//! triggers; the run until shutdown, and the kept answers' last chance at shutdown.
+
+use super::*;
+
+/// How long the apiserver keeps one watch open (kube's default is 290 s): with the watch client's
+/// read timeout just above it, a watch connection that died silently is noticed within a minute.
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(50);
+
+pub(super) fn watch_config() -> watcher::Config {
+    watcher::Config::default().timeout(WATCH_TIMEOUT.as_secs() as u32)
+}
+
+/// Runs the controller until `shutdown`; then no reconcile starts and in-flight ones (including
+/// the persistence of a rotated refresh token) finish, and answers whose state write failed are
+/// retried for up to `options.shutdown_timeout`. Returns how many rotated refresh tokens are still
+/// held only by this process (the Lease must then not be released: a standby would present their
+/// predecessors). `watch_client` serves the long-lived watches; `api_client` every other request
+/// (it should have timeouts).
+pub async fn run(
+    watch_client: kube::Client,
+    api_client: kube::Client,
+    options: Options,
+    shared: Shared,
+    shutdown: CancellationToken,
+) -> anyhow::Result<usize> {
+    let shutdown_timeout = options.shutdown_timeout;
+    // Api<PartialObjectMeta<_>> asks for metadata only: nobody's Secret data is sent for it.
+    let (grants, secrets, secrets_meta): (Api<WgtwoGrant>, Api<Secret>, Api<PartialObjectMeta<Secret>>) =
+        match &options.namespace {
+            Some(ns) => (
+                Api::namespaced(watch_client.clone(), ns),
+                Api::namespaced(watch_client.clone(), ns),
+                Api::namespaced(watch_client, ns),
+            ),
+            None => (Api::all(watch_client.clone()), Api::all(watch_client.clone()), Api::all(watch_client)),
+        };
+    let allowed: Vec<&str> = options.allowed_issuers.iter().map(AllowedIssuer::as_str).collect();
+    info!(allowed_issuers = ?allowed, "credentials are sent only to these identity services");
+    let concurrency = options.concurrency;
+    let (store, writer) = reflector::store();
+    let cache = SecretCache::new(shared.leadership.epoch_source());
+    let index = Arc::new(SecretIndex::default());
+    let ctx = Arc::new(Context::new(api_client, options, shared.clone(), store.clone(), cache.clone(), index.clone()));
+    let watch_ctx = ctx.clone();
+    let metrics = shared.metrics.clone();
+    let reader = store.clone();
+    // Ready once the grants and both Secret watches have listed everything. Set here rather than by
+    // Store::wait_until_ready, whose waker the Controller's own wait displaces.
+    let grants_synced = Arc::new(AtomicBool::new(false));
+    let mark_synced = {
+        let (synced, grants_synced, cache) = (shared.synced.clone(), grants_synced.clone(), cache.clone());
+        move || {
+            if grants_synced.load(Ordering::Acquire) && cache.is_synced() && !synced.swap(true, Ordering::AcqRel) {
+                info!("grant and Secret watches synced");
+            }
+        }
+    };
+    let grant_index = index.clone();
+    let grants_done = mark_synced.clone();
+    let grant_changes = watcher(grants, watch_config())
+        .default_backoff()
+        .modify(secret_cache::strip_grant)
+        .reflect(writer)
+        // Per-grant gauges follow every status change, including our own writes.
+        .inspect_ok(move |event| match event {
+            watcher::Event::Apply(g) | watcher::Event::InitApply(g) => {
+                metrics.observe_grant(g);
+                grant_index.upsert(g);
+                watch_ctx.memory.own_status(&ObjectRef::from_obj(g), g.resource_version().as_deref());
+            }
+            watcher::Event::Delete(g) => {
+                watch_ctx.forget(&ObjectRef::from_obj(g));
+                grant_index.remove(g);
+            }
+            watcher::Event::InitDone => {
+                let alive = reader.state();
+                metrics
+                    .retain_grants(&alive.iter().map(|g| (g.namespace().unwrap_or_default(), g.name_any())).collect());
+                let alive_keys: HashSet<_> = alive.iter().map(|g| ObjectRef::from_obj(&**g)).collect();
+                watch_ctx.memory.retain(&alive_keys);
+                if let Some(journal) = &watch_ctx.shared.journal
+                    && let Err(err) = journal.retain(&alive_keys)
+                {
+                    warn!(error = %err, "could not drop the journal entries of deleted grants");
+                }
+                grant_index.rebuild(alive.iter().map(|g| &**g));
+                grants_synced.store(true, Ordering::Release);
+                grants_done();
+            }
+            watcher::Event::Init => {}
+        })
+        .applied_objects()
+        // Spec and (the operator's own) annotation changes only: a status patch after a failed
+        // refresh must not bypass the backoff.
+        .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
+    let controller = Controller::for_stream(grant_changes, store.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
+    // Every Secret as metadata only (no data, no managedFields): whether it exists, its version
+    // and owner. The operator never caches the data of anyone's Secrets.
+    let (meta_cache, meta_done) = (cache.clone(), mark_synced.clone());
+    let secret_changes = watcher(secrets_meta, watch_config())
+        .default_backoff()
+        .modify(secret_cache::strip)
+        .inspect_ok(move |event| {
+            meta_cache.apply_meta(event);
+            if matches!(event, watcher::Event::InitDone) {
+                meta_done();
+            }
+        })
+        .touched_objects()
+        // The operator's own Secrets come through the owned watch below.
+        .try_filter(|s| {
+            let managed = s.labels().get(LABEL_MANAGED_BY).is_some_and(|v| v == MANAGER);
+            std::future::ready(!managed)
+        });
+    // The operator's own Secrets (state and target) with their data, kept as the few keys it reads.
+    let (owned_cache, owned_done) = (cache.clone(), mark_synced);
+    let own_writes = cache.clone();
+    let owned_changes = watcher(secrets, watch_config().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}")))
+        .default_backoff()
+        .modify(secret_cache::strip)
+        .inspect_ok(move |event| {
+            owned_cache.apply_owned(event);
+            if matches!(event, watcher::Event::InitDone) {
+                owned_done();
+            }
+        })
+        .touched_objects()
+        // What the operator itself just wrote needs no second look.
+        .try_filter(move |s| std::future::ready(!own_writes.is_own_write(s)));
+    let by_meta = index;
+    controller
+        .watches_stream(secret_changes, move |secret| users_of(&by_meta, &secret.namespace(), &secret.name_any()))
+        // The operator's own Secrets name their grant in a label.
+        .watches_stream(owned_changes, |secret| {
+            let grant = secret.labels().get(LABEL_GRANT).cloned();
+            grant.map(|name| ObjectRef::new(&name).within(&secret.namespace().unwrap_or_default()))
+        })
+        // A standby ignores everything; on becoming the leader it looks at every grant.
+        .reconcile_all_on(shared.leadership.became_leader())
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                warn!(error = %err, "reconcile failed");
+            }
+        })
+        .await;
+    persist_kept(&ctx, tokio::time::Instant::now() + shutdown_timeout).await;
+    let lost = ctx.memory.unpersisted();
+    if !lost.is_empty() && ctx.shared.journal.is_some() {
+        error!(grants = ?lost, "stopped with rotated refresh tokens that could not be persisted; the journal keeps them, and a restart in this pod writes them to the state Secrets");
+    } else if !lost.is_empty() {
+        error!(grants = ?lost, "stopped with rotated refresh tokens that could not be persisted; these grants need re-authorization unless the identity service has a rotation grace period");
+    }
+    info!("controller stopped");
+    Ok(lost.len())
+}
+
+/// At shutdown: retries the state writes of kept answers (each decided afresh by
+/// [`Run::confirm_kept`]) until none is left or `deadline`.
+pub(super) async fn persist_kept(ctx: &Arc<Context>, deadline: tokio::time::Instant) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let keys = ctx.memory.unpersisted_keys();
+        if keys.is_empty() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(grants = keys.len(), "shutdown: the time for persisting kept refresh answers is up");
+            return;
+        }
+        info!(grants = keys.len(), "shutdown: retrying the state writes of kept refresh answers");
+        for key in keys {
+            let result = match ctx.grants.get(&key) {
+                Some(grant) => tokio::time::timeout_at(deadline, reconcile(grant, ctx.clone())).await,
+                None => {
+                    ctx.forget(&key);
+                    continue;
+                }
+            };
+            if let Ok(Err(err)) = result {
+                debug!(grant = %key.name, error = %err, "shutdown: state write still failing");
+            }
+        }
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + delay)).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+pub(super) fn users_of(index: &SecretIndex, namespace: &Option<String>, secret: &str) -> Vec<ObjectRef<WgtwoGrant>> {
+    let ns = namespace.as_deref().unwrap_or_default();
+    index.grants_using(ns, secret).into_iter().map(|name| ObjectRef::new(&name).within(ns)).collect()
+}
