@@ -265,7 +265,9 @@ async fn an_issuer_that_never_answers_does_not_delay_the_other_grants() {
         lateness.get(lateness.len() / 2).copied().unwrap_or_default(),
     );
     assert!(lateness.len() >= 9, "only {} refreshes of the healthy grants in 25 s", lateness.len());
-    assert!(max < 2.5, "a healthy grant refreshed {max:.2}s late");
+    // Blocked behind the silent issuer, a refresh would wait out its 8 s request timeout; 4 s leaves
+    // room for a loaded test machine (a refresh has come 2.75 s late once, with the p50 at -0.16 s).
+    assert!(max < 4.0, "a healthy grant refreshed {max:.2}s late");
     for name in healthy {
         env.wait_ready(name, "True", "Refreshed", Duration::from_secs(1)).await;
     }
@@ -461,9 +463,13 @@ async fn after_hydra_rotates_its_id_token_signing_key_the_operator_verifies_with
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_can_neither_read_another_grants_secrets_nor_fork_a_lineage_from_its_authorization() {
     let mut env = Env::start(HydraOptions { recording_proxy: true, ..ttl(3600) }).await;
+    // An older grant with an authorization of its own, to be re-pointed at the victim's later.
+    env.create_authorized_grant("elder").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     env.create_authorized_grant("victim").await;
     let _operator = env.start_operator();
     env.wait_ready("victim", "True", "Refreshed", Duration::from_secs(30)).await;
+    env.wait_ready("elder", "True", "Refreshed", Duration::from_secs(30)).await;
     let requests = env.hydra.token_requests();
 
     let grant = |name: &str, client: &str, token: &str, key: &str| -> WgtwoGrant {
@@ -489,6 +495,11 @@ async fn a_grant_can_neither_read_another_grants_secrets_nor_fork_a_lineage_from
     ] {
         env.grants().create(&PostParams::default(), &g).await.unwrap();
     }
+    // The older grant edited to name the victim's authorization (its creation time stays).
+    let mut elder = env.grants().get("elder").await.unwrap();
+    elder.spec.refresh_token_secret_ref.as_mut().unwrap().name = "victim-authorization".into();
+    env.grants().replace("elder", &PostParams::default(), &elder).await.unwrap();
+    env.wait_ready("elder", "False", "RefreshTokenInUse", Duration::from_secs(30)).await;
     env.wait_ready("thief", "False", "SecretNotAllowed", Duration::from_secs(30)).await;
     env.wait_ready("peer", "False", "SecretNotAllowed", Duration::from_secs(30)).await;
     env.wait_ready("copy", "False", "RefreshTokenInUse", Duration::from_secs(30)).await;
@@ -503,6 +514,8 @@ async fn a_grant_can_neither_read_another_grants_secrets_nor_fork_a_lineage_from
         copy.contains("Secret victim-authorization (refreshTokenSecretRef) is the authorization of grant victim"),
         "{copy}"
     );
+    let elder = message("elder").await;
+    assert!(elder.contains("is the authorization of grant victim"), "{elder}");
     for (name, reason) in [("thief", "SecretNotAllowed"), ("peer", "SecretNotAllowed"), ("copy", "RefreshTokenInUse")] {
         assert!(env.events(name).await.iter().any(|(r, _)| r == reason), "{name}: no {reason} Event");
     }

@@ -99,13 +99,10 @@ impl SecretIndex {
 }
 
 /// Of the grants naming one refresh-token Secret (`users`, from [`SecretIndex::token_users`]),
-/// the one that uses it: the oldest; within the same second (creation times have no finer grain),
-/// one that has begun its lineage already (`has_state`), then by name.
-pub fn token_user(users: &[(i64, String)], has_state: impl Fn(&str) -> bool) -> Option<&str> {
-    users
-        .iter()
-        .min_by_key(|(created, name)| (*created, !has_state(name), name.as_str()))
-        .map(|(_, name)| name.as_str())
+/// the one that uses it: the one whose lineage began from the token the Secret holds now
+/// (`holds`), whatever the ages; else the oldest (creation times are whole seconds), then by name.
+pub fn token_user(users: &[(i64, String)], holds: impl Fn(&str) -> bool) -> Option<&str> {
+    users.iter().min_by_key(|(created, name)| (!holds(name), *created, name.as_str())).map(|(_, name)| name.as_str())
 }
 
 impl Inner {
@@ -220,11 +217,13 @@ mod tests {
     }
 
     #[test]
-    fn within_one_second_the_grant_that_began_its_lineage_keeps_the_refresh_token() {
+    fn the_grant_whose_lineage_began_from_the_token_keeps_it_whatever_the_ages() {
         let users = [(10, "copy".to_owned()), (10, "victim".to_owned())];
         assert_eq!(token_user(&users, |g| g == "victim"), Some("victim"), "a copy made in the same second");
         assert_eq!(token_user(&users, |_| false), Some("copy"), "neither began: by name");
-        let older = [(9, "copy".to_owned()), (10, "victim".to_owned())];
-        assert_eq!(token_user(&older, |g| g == "victim"), Some("copy"), "an older grant first, whatever it did");
+        // An older grant edited to name the Secret (its creation time stays) does not take it over.
+        let older = [(9, "mallory".to_owned()), (10, "victim".to_owned())];
+        assert_eq!(token_user(&older, |g| g == "victim"), Some("victim"));
+        assert_eq!(token_user(&older, |_| false), Some("mallory"), "a new authorization: the oldest");
     }
 }

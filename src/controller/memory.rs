@@ -84,8 +84,9 @@ struct GrantMemory {
     template: Option<Box<TemplateVerdict>>,
 }
 
-/// A template check's outcome and the grant generation it was made at.
-type TemplateVerdict = (Option<i64>, Result<(), TemplateError>);
+/// A template check's outcome and the template's hash it was made for (not the generation: a grant
+/// deleted and created again, its deletion hidden by a relist, starts at generation 1 again).
+type TemplateVerdict = (String, Result<(), TemplateError>);
 
 type ClientCell = Arc<OnceCell<Arc<WgtwoClient>>>;
 
@@ -168,27 +169,18 @@ impl Memory {
         Some(status.clone())
     }
 
-    /// Remembers the outcome of checking the grant's template at `generation` (the check renders
-    /// it: CPU the grant's author controls, spent once per spec change, not per reconcile).
-    pub fn checked_template(
-        &self,
-        key: &ObjectRef<WgtwoGrant>,
-        generation: Option<i64>,
-        verdict: Result<(), TemplateError>,
-    ) {
+    /// Remembers the outcome of checking the grant's template with hash `hash` (the check renders
+    /// it: CPU the grant's author controls, spent once per template, not per reconcile).
+    pub fn checked_template(&self, key: &ObjectRef<WgtwoGrant>, hash: &str, verdict: Result<(), TemplateError>) {
         let mut grants = self.grants.lock().unwrap();
-        grants.entry(slim(key)).or_default().template = Some(Box::new((generation, verdict)));
+        grants.entry(slim(key)).or_default().template = Some(Box::new((hash.to_owned(), verdict)));
     }
 
-    /// The outcome of checking the grant's template, if it was checked at `generation`.
-    pub fn template_verdict(
-        &self,
-        key: &ObjectRef<WgtwoGrant>,
-        generation: Option<i64>,
-    ) -> Option<Result<(), TemplateError>> {
+    /// The outcome of checking the grant's template, if this one (by `hash`) was checked.
+    pub fn template_verdict(&self, key: &ObjectRef<WgtwoGrant>, hash: &str) -> Option<Result<(), TemplateError>> {
         let grants = self.grants.lock().unwrap();
-        let (at, verdict) = grants.get(key)?.template.as_deref()?;
-        (*at == generation).then(|| verdict.clone())
+        let (checked, verdict) = grants.get(key)?.template.as_deref()?;
+        (checked == hash).then(|| verdict.clone())
     }
 
     /// A failed token request was recorded in the status.
@@ -419,14 +411,14 @@ mod tests {
     }
 
     #[test]
-    fn a_template_verdict_holds_for_the_generation_it_was_checked_at() {
+    fn a_template_verdict_holds_for_the_template_it_was_checked_for() {
         let memory = Memory::new(Metrics::new());
-        assert_eq!(memory.template_verdict(&key("a"), Some(1)), None);
-        memory.checked_template(&key("a"), Some(1), Err(TemplateError("bad".into())));
-        assert_eq!(memory.template_verdict(&key("a"), Some(1)), Some(Err(TemplateError("bad".into()))));
-        assert_eq!(memory.template_verdict(&key("a"), Some(2)), None, "a spec change is checked again");
+        assert_eq!(memory.template_verdict(&key("a"), "h1"), None);
+        memory.checked_template(&key("a"), "h1", Err(TemplateError("bad".into())));
+        assert_eq!(memory.template_verdict(&key("a"), "h1"), Some(Err(TemplateError("bad".into()))));
+        assert_eq!(memory.template_verdict(&key("a"), "h2"), None, "another template is checked again");
         memory.forget(&key("a"));
-        assert_eq!(memory.template_verdict(&key("a"), Some(1)), None);
+        assert_eq!(memory.template_verdict(&key("a"), "h1"), None);
     }
 
     #[test]

@@ -171,8 +171,21 @@ impl Default for Shared {
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("could not persist the rotated refresh token ({0}); it is kept in memory and the write is retried")]
-    PersistFailed(String),
+    /// `detail` (for the log) is the apiserver's own message, which an admission webhook may fill
+    /// with what it was sent; `public` (for the grant's status and Events) says only what failed.
+    #[error("could not persist the rotated refresh token ({detail}); it is kept in memory and the write is retried")]
+    PersistFailed { detail: String, public: String },
+}
+
+impl Error {
+    /// A failed state write, described for the log and for the grant.
+    fn persist_failed(err: &kube::Error) -> Self {
+        let public = match err {
+            kube::Error::Api(status) => format!("the Kubernetes API answered {} {}", status.code, status.reason),
+            _ => "the Kubernetes API could not be reached".into(),
+        };
+        Error::PersistFailed { detail: kube_message(err), public }
+    }
 }
 
 pub struct Context {
@@ -223,7 +236,7 @@ impl Context {
         }
     }
 
-    /// The grant's template, checked once per generation: the check renders it (CPU its author
+    /// The grant's template, checked once per template: the check renders it (CPU its author
     /// controls), and a reconcile with nothing to do should not.
     fn template<'g>(
         &self,
@@ -231,14 +244,12 @@ impl Context {
         grant: &'g WgtwoGrant,
     ) -> Result<Option<template::Template<'g>>, template::TemplateError> {
         let spec = grant.spec.target.template.as_ref();
-        let generation = grant.metadata.generation;
-        if let Some(verdict) = self.memory.template_verdict(key, generation) {
-            return verdict.map(|()| template::Template::checked(spec));
+        let Some(checked) = template::Template::checked(spec) else { return Ok(None) };
+        if let Some(verdict) = self.memory.template_verdict(key, checked.hash()) {
+            return verdict.map(|()| Some(checked));
         }
         let compiled = template::compile(spec, &self.options.template_metadata_prefixes);
-        if !compiled.as_ref().is_ok_and(Option::is_none) {
-            self.memory.checked_template(key, generation, compiled.as_ref().map(|_| ()).map_err(Clone::clone));
-        }
+        self.memory.checked_template(key, checked.hash(), compiled.as_ref().map(|_| ()).map_err(Clone::clone));
         compiled
     }
 
@@ -259,7 +270,7 @@ pub fn recorder(client: kube::Client) -> Recorder {
 fn error_policy(grant: Arc<WgtwoGrant>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.shared.metrics.reconcile_error(match err {
         Error::Kube(_) => reason::KUBERNETES_API,
-        Error::PersistFailed(_) => reason::PERSIST_FAILED,
+        Error::PersistFailed { .. } => reason::PERSIST_FAILED,
     });
     let key = ObjectRef::from_obj(&*grant);
     if is_gone(&ctx, &key, &grant) {
@@ -379,7 +390,7 @@ impl Run<'_> {
         let spec = &self.grant.spec;
         // Before any input is read: never another grant's Secrets, never a refresh token that an
         // older grant's lineage started from.
-        if let Some(problem) = self.foreign_input() {
+        if let Some(problem) = self.foreign_input().await? {
             return self.input_problem(problem.reason, problem.message).await;
         }
         let client = self.read(&spec.client_secret_ref.name, inputs::CLIENT_KEYS).await?;

@@ -65,12 +65,18 @@ pub fn failed(err: &OAuthError, grant: &Grant, valid_until: Option<Timestamp>) -
     };
     if err.class() == ErrorClass::Transient {
         // The same words on every retry: the condition and the Event change only when the reason does.
+        // A request that reached the server and whose answer was lost may have rotated the token:
+        // the retry then is refused, and says so.
+        let maybe_rotated = match err.outcome_unknown() {
+            true => " The identity service may have acted on it: if the retry is refused (InvalidGrant), re-authorize.",
+            false => "",
+        };
         return Failed {
             reason: if valid_until.is_some() { reason::RETRYING_REFRESH } else { reason::IDENTITY_SERVICE_UNAVAILABLE },
             ready: valid_until.is_some(),
             event: "RefreshFailed",
             message: format!(
-                "Refresh failed: {}. Retrying with backoff; status.nextRefreshTime is the next attempt.{still_valid}",
+                "Refresh failed: {}. Retrying with backoff; status.nextRefreshTime is the next attempt.{maybe_rotated}{still_valid}",
                 sentence(err)
             ),
             retry: Retry::Backoff,

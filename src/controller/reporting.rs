@@ -14,8 +14,9 @@ impl Run<'_> {
             Some(t) => format!(" The published access token stays valid until {}.", t.expires_at),
             None => " No valid access token is published.".into(),
         };
+        let Error::PersistFailed { public, .. } = failure else { return };
         let message = format!(
-            "The rotated refresh token could not be written to Secret {}: {failure}. Until it is, a restart of the operator without its journal ends this grant.{still_valid}",
+            "The rotated refresh token could not be written to Secret {} ({public}); it is kept in memory and the write is retried. Until it is written, a restart of the operator without its journal ends this grant.{still_valid}",
             self.state_name()
         );
         let why = reason::PERSIST_FAILED;

@@ -300,6 +300,17 @@ impl SecretCache {
             || self.meta.map.read().unwrap().get(&key).is_some_and(|m| m.grant_owned)
     }
 
+    /// The lineage source (sha256 of the user's token it began from) a state Secret records, as
+    /// the owned watch or this process's last write left it.
+    pub fn state_source(&self, namespace: &str, name: &str) -> Option<String> {
+        let owned = self.owned.map.read().unwrap();
+        let kept = owned.get(&key(namespace, name))?;
+        kept.data
+            .iter()
+            .find(|(k, _)| &**k == lineage::KEY_SOURCE)
+            .and_then(|(_, v)| String::from_utf8(v.0.clone()).ok())
+    }
+
     /// Whether this watch event shows exactly what the operator itself last wrote (nothing to do).
     pub fn is_own_write(&self, secret: &Secret) -> bool {
         let key = key_of(&secret.metadata);
@@ -317,10 +328,17 @@ impl SecretCache {
         self.owned.map.read().unwrap().get(&key(namespace, name)).is_some_and(|k| k.own == epoch && epoch != 0)
     }
 
-    /// Records a Secret the operator just wrote (or read with a consistent GET) in the current term.
-    pub fn wrote(&self, secret: &Secret) {
+    /// The leadership term now: read it before a request whose answer is recorded with [`Self::wrote`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Records a Secret the operator just wrote (or read with a consistent GET) by a request sent
+    /// in leadership term `epoch` (read before it was sent: an answer that arrives after a new
+    /// term began may predate another leader's write).
+    pub fn wrote(&self, secret: &Secret, epoch: u64) {
         let mut kept = Kept::from_secret(&secret.metadata, secret.data.as_ref(), OWNED_KEYS);
-        kept.own = self.epoch.load(Ordering::SeqCst).max(1);
+        kept.own = epoch.max(1);
         self.owned.upsert(key_of(&secret.metadata), kept);
     }
 
@@ -350,12 +368,13 @@ impl SecretCache {
             }
             _ => {}
         }
+        let epoch = self.epoch();
         let Some(secret) = api.get_opt(name).await? else {
             return Ok(None);
         };
         let managed = secret.labels().get(super::LABEL_MANAGED_BY).is_some_and(|v| v == super::MANAGER);
         if managed {
-            self.wrote(&secret);
+            self.wrote(&secret, epoch);
         }
         Ok(Some(Kept::from_secret(&secret.metadata, secret.data.as_ref(), OWNED_KEYS).to_secret(namespace, name)))
     }
@@ -502,7 +521,7 @@ mod tests {
     fn an_own_write_wins_over_an_older_watch_event_and_yields_to_a_newer_one() {
         let cache = SecretCache::default();
         let written = secret("g-wgtwo-state", "20", Some("uid"), &[("refresh_token", "new")]);
-        cache.wrote(&written);
+        cache.wrote(&written, 1);
         // The watch delivers the version before our write only now.
         cache.apply_owned(&watcher::Event::Apply(secret(
             "g-wgtwo-state",
@@ -533,14 +552,23 @@ mod tests {
     fn an_own_copy_from_an_earlier_leadership_term_is_not_trusted() {
         let epoch = Arc::new(AtomicU64::new(3));
         let cache = SecretCache::new(epoch.clone());
-        cache.wrote(&secret("g-wgtwo-state", "20", Some("uid"), &[("refresh_token", "mine")]));
+        cache.wrote(
+            &secret("g-wgtwo-state", "20", Some("uid"), &[("refresh_token", "mine")]),
+            epoch.load(Ordering::SeqCst),
+        );
         assert!(cache.is_own_copy("ns", "g-wgtwo-state", 3));
         // Lost the Lease and won it back: another leader may have written while this process's
         // watch was dead, so the copy needs a consistent read again.
         epoch.store(4, Ordering::SeqCst);
         assert!(!cache.is_own_copy("ns", "g-wgtwo-state", 4));
+        // An answer to a read sent in the old term, arriving in the new one, is not trusted either.
+        cache.wrote(&secret("g-wgtwo-state", "21", Some("uid"), &[("refresh_token", "mine")]), 3);
+        assert!(!cache.is_own_copy("ns", "g-wgtwo-state", 4));
         // Read consistently in the new term: trusted again.
-        cache.wrote(&secret("g-wgtwo-state", "20", Some("uid"), &[("refresh_token", "mine")]));
+        cache.wrote(
+            &secret("g-wgtwo-state", "21", Some("uid"), &[("refresh_token", "mine")]),
+            epoch.load(Ordering::SeqCst),
+        );
         assert!(cache.is_own_copy("ns", "g-wgtwo-state", 4));
     }
 

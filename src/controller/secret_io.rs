@@ -44,11 +44,12 @@ impl Run<'_> {
     ) -> Result<Secret, kube::Error> {
         let version = existing.and_then(|s| s.resource_version());
         let secret = owned_secret(self.grant, name, version, data, annotations, labels);
+        let epoch = self.ctx.cache.epoch();
         let written = match existing {
             None => self.secrets.create(&PostParams::default(), &secret).await?,
             Some(_) => self.secrets.replace(name, &PostParams::default(), &secret).await?,
         };
-        self.ctx.cache.wrote(&written);
+        self.ctx.cache.wrote(&written, epoch);
         Ok(written)
     }
 

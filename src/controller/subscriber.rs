@@ -10,19 +10,29 @@ impl Run<'_> {
     /// newer took its place (another leader refreshed from what the failed write left, the grant was
     /// recreated, the subscriber authorized again): the answer is dropped, never written over it.
     pub(super) async fn confirm_kept(&self, pending: &Pending) -> Result<Option<Option<Secret>>, Error> {
+        let epoch = self.ctx.cache.epoch();
         let stored = self.secrets.get_opt(&self.state_name()).await?;
         let state = stored.as_ref().and_then(|s| s.data.as_ref()).and_then(lineage::decode);
+        // Read as replay reads it: a subscriber who authorized again since supersedes the answer
+        // (written over the new lineage, it would have the next reconcile adopt the new token
+        // again: a reuse).
+        let user_token_sha256 = match self.grant.spec.refresh_token_secret_ref.as_ref() {
+            Some(r) => inputs::user_token(self.secrets.get_opt(&r.name).await?.as_ref(), &r.name, &r.key)
+                .ok()
+                .map(|token| lineage::sha256_hex(&[&token])),
+            None => None,
+        };
         let uid = self.grant.uid();
         let seen = replay::Seen {
             grant_uid: uid.as_deref(),
             state_foreign: stored.as_ref().is_some_and(|s| !self.owns(s)),
             state: state.as_ref(),
-            user_token_sha256: None,
+            user_token_sha256: user_token_sha256.as_deref(),
         };
         match replay::verdict(&pending.answer(), &seen) {
             replay::Verdict::Write | replay::Verdict::AlreadyPersisted => {
                 if let Some(stored) = &stored {
-                    self.ctx.cache.wrote(stored);
+                    self.ctx.cache.wrote(stored, epoch);
                 }
                 Ok(Some(stored))
             }
@@ -39,7 +49,7 @@ impl Run<'_> {
     /// may not read Secrets would otherwise have the operator present another grant's live refresh
     /// token, forking its lineage), or a refresh-token Secret an older grant uses (two lineages from
     /// one token: the second presentation revokes the first's family).
-    pub(super) fn foreign_input(&self) -> Option<inputs::Problem> {
+    pub(super) async fn foreign_input(&self) -> Result<Option<inputs::Problem>, Error> {
         let spec = &self.grant.spec;
         let token = spec.refresh_token_secret_ref.as_ref();
         let named = [
@@ -49,19 +59,29 @@ impl Run<'_> {
         for (name, field) in named {
             let Some(name) = name else { continue };
             if self.ctx.cache.is_operators(&self.ns, name) {
-                return Some(inputs::Problem {
+                return Ok(Some(inputs::Problem {
                     reason: reason::SECRET_NOT_ALLOWED,
                     message: format!(
                         "Secret {name} ({field}) is written by the operator for a grant (its state or target Secret) and cannot be a grant's input: name the Secret that holds the authorization or the OAuth client"
                     ),
-                });
+                }));
             }
         }
-        let token = token?;
+        let Some(token) = token else { return Ok(None) };
         let users = self.ctx.index.token_users(&self.ns, &token.name);
-        let has_state = |grant: &str| self.ctx.cache.meta(&self.ns, &lineage::state_secret_name(grant)).is_some();
-        let user = index::token_user(&users, has_state)?;
-        (user != self.grant.name_any()).then(|| inputs::Problem {
+        if users.len() < 2 {
+            return Ok(None);
+        }
+        // Several grants name it: the one whose lineage began from the token it holds now keeps it
+        // (whatever the grants' ages: an older grant re-pointed at it must not fork that lineage).
+        let current = self.read_once(&token.name, &token.key).await?;
+        let source =
+            inputs::user_token(current.as_ref(), &token.name, &token.key).ok().map(|t| lineage::sha256_hex(&[&t]));
+        let holds = |grant: &str| {
+            source.is_some() && self.ctx.cache.state_source(&self.ns, &lineage::state_secret_name(grant)) == source
+        };
+        let Some(user) = index::token_user(&users, holds) else { return Ok(None) };
+        Ok((user != self.grant.name_any()).then(|| inputs::Problem {
             reason: reason::REFRESH_TOKEN_IN_USE,
             message: format!(
                 "Secret {} (refreshTokenSecretRef) is the authorization of grant {user} already: one refresh token can start one lineage only (every refresh rotates it, and presenting it twice revokes it). Authorize this grant separately (wgtwo-operator authorize {} -n {}), or delete one of the grants",
@@ -69,7 +89,7 @@ impl Run<'_> {
                 self.grant.name_any(),
                 self.ns
             ),
-        })
+        }))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -102,7 +122,7 @@ impl Run<'_> {
             if version(&stored) != version(&state_secret) {
                 debug!("the cached state Secret was behind the stored one; deciding again");
                 if let Some(stored) = &stored {
-                    self.ctx.cache.wrote(stored);
+                    self.ctx.cache.wrote(stored, epoch);
                 }
                 return Ok(Action::requeue(outcome::AGAIN_SOON));
             }
@@ -255,11 +275,11 @@ impl Run<'_> {
                 info!(persist_ms = pending.received.elapsed().as_millis() as u64, "rotated refresh token persisted");
                 None
             }
-            Some(Ok(Err(err))) => Some(Error::PersistFailed(kube_message(&err))),
-            Some(Err(_)) => Some(Error::PersistFailed(format!(
-                "no answer from the Kubernetes API within {}s",
-                PERSIST_BUDGET.as_secs()
-            ))),
+            Some(Ok(Err(err))) => Some(Error::persist_failed(&err)),
+            Some(Err(_)) => {
+                let why = format!("no answer from the Kubernetes API within {}s", PERSIST_BUDGET.as_secs());
+                Some(Error::PersistFailed { detail: why.clone(), public: why })
+            }
         };
         if let Some(tokens) = verified {
             pending.tokens.id_token = tokens.id_token;

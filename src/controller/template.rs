@@ -203,11 +203,10 @@ impl Template<'_> {
             ("scope", Value::from(values.scope)),
             ("phone_number", Value::from(marker("phone_number"))),
         ]));
-        let opaque = |name: &str| -> Option<&'v str> {
+        let opaque = |name: &str| -> &'v str {
             match name {
-                "access_token" => Some(values.access_token),
-                "phone_number" => Some(values.phone_number),
-                _ => None,
+                "access_token" => values.access_token,
+                _ => values.phone_number,
             }
         };
         let mut total = 0;
@@ -218,12 +217,21 @@ impl Template<'_> {
                 true => described(&field, &e),
                 false => located(&field, &e),
             })?;
+            let parts = parse(&structure).ok_or_else(|| {
+                TemplateError(format!(
+                    "spec.target.template.{field}: {} can only be written out whole, or through {} (not one through the other); they cannot be sliced, compared, measured or changed",
+                    OPAQUE.join(" and "),
+                    ENCODINGS.join(" or ")
+                ))
+            })?;
             // Limits on the structure, each opaque value counted at its budget: the same for every token.
-            let size = structure.len() + structure.matches(OPEN).count() * OPAQUE_BUDGET;
+            let size = measure(&parts);
             if size > MAX_RENDERED {
                 return Err(TemplateError(format!(
-                    "spec.target.template.{field}: renders more than {} KiB",
-                    MAX_RENDERED / 1024
+                    "spec.target.template.{field}: renders more than {} KiB (each {} counted as {} KiB)",
+                    MAX_RENDERED / 1024,
+                    OPAQUE.join(" or "),
+                    OPAQUE_BUDGET / 1024
                 )));
             }
             total += size;
@@ -233,13 +241,7 @@ impl Template<'_> {
                     MAX_RENDERED_TOTAL / 1024
                 )));
             }
-            let rendered = resolve(&structure, &opaque).ok_or_else(|| {
-                TemplateError(format!(
-                    "spec.target.template.{field}: {} can only be written out whole, or through {}; they cannot be sliced, compared, measured or changed",
-                    OPAQUE.join(" and "),
-                    ENCODINGS.join(" or ")
-                ))
-            })?;
+            let rendered = resolve(&parts, &opaque);
             out.insert(key.clone(), ByteString(rendered.into_bytes()));
         }
         Ok(out)
@@ -255,14 +257,40 @@ fn encoded(encoding: &str, content: &str) -> String {
     format!("{OPEN}={encoding}{SEP}{content}{CLOSE}")
 }
 
-/// `tojson`: as MiniJinja's own, deferred for a string holding opaque values (a structure holding
-/// them serializes its strings as they are, and the markers in them are replaced by the raw value:
-/// an access token (RFC 6750 b64token) needs no escaping in JSON).
+/// `tojson`: as MiniJinja's own, deferred for a string holding opaque values. In a structure
+/// (a map, a list), each opaque value is escaped as a JSON string's content where it stands; an
+/// encoding in a structure is refused at [`parse`] (as a nested one).
 fn tojson(value: &Value, indent: Option<Value>, args: minijinja::value::Kwargs) -> Result<Value, minijinja::Error> {
-    match value.as_str() {
-        Some(s) if s.contains(OPEN) => Ok(Value::from_safe_string(format!("\"{}\"", encoded("tojson", s)))),
-        _ => minijinja::filters::tojson(value, indent, args),
+    if let Some(s) = value.as_str()
+        && s.contains(OPEN)
+    {
+        return Ok(Value::from_safe_string(format!("\"{}\"", encoded("tojson", s))));
     }
+    let json = minijinja::filters::tojson(value, indent, args)?;
+    let Some(text) = json.as_str().filter(|t| t.contains(OPEN)) else { return Ok(json) };
+    // Malformed markers are left for `parse` to refuse.
+    let Some(parts) = parse(text) else { return Ok(json) };
+    let escaped = parts
+        .iter()
+        .map(|part| match part {
+            Part::Value(name) => encoded("tojson", &marker(name)),
+            // Base64 needs no escaping in JSON; a string through tojson is in quotes already.
+            other => unparse(std::slice::from_ref(other)),
+        })
+        .collect();
+    Ok(Value::from_safe_string(escaped))
+}
+
+/// The structure the parts were parsed from.
+fn unparse(parts: &[Part]) -> String {
+    parts
+        .iter()
+        .map(|part| match part {
+            Part::Text(text) => (*text).to_owned(),
+            Part::Value(name) => marker(name),
+            Part::Encoded(encoding, inner) => encoded(encoding, &unparse(inner)),
+        })
+        .collect()
 }
 
 /// `b64encode`: standard base64 of a string's UTF-8 bytes (e.g. for HTTP Basic credentials),
@@ -292,54 +320,97 @@ fn json_inner(s: &str) -> String {
         .replace('\'', "\\u0027")
 }
 
-/// Replaces the markers of a rendered structure by the values; `None` when the template took a
-/// marker apart (sliced, changed or reordered it), which it does for any value alike.
-fn resolve<'v>(structure: &str, value: &dyn Fn(&str) -> Option<&'v str>) -> Option<String> {
-    let mut rest = structure;
-    let out = resolve_until(&mut rest, value, false)?;
-    rest.is_empty().then_some(out)
+/// A rendered structure: text, opaque values, and encodings of text and values (not of other
+/// encodings: each would multiply the output, 6x per `tojson` of a JSON string, so a chain of them
+/// could grow without bound past every limit checked on the structure).
+#[derive(Debug, PartialEq)]
+enum Part<'s> {
+    Text(&'s str),
+    Value(&'s str),
+    Encoded(&'s str, Vec<Part<'s>>),
 }
 
-/// Resolves text up to an unmatched `CLOSE` (consumed) when `nested`, else to the end.
-fn resolve_until<'v>(rest: &mut &str, value: &dyn Fn(&str) -> Option<&'v str>, nested: bool) -> Option<String> {
-    let mut out = String::new();
+/// Parses a rendered structure; `None` when the template took a marker apart (sliced, changed or
+/// reordered it) or nested encodings, which it does for any value alike.
+fn parse(structure: &str) -> Option<Vec<Part<'_>>> {
+    let mut rest = structure;
+    let parts = parse_until(&mut rest, false)?;
+    rest.is_empty().then_some(parts)
+}
+
+/// Parses up to an unmatched `CLOSE` (consumed) when `nested`, else to the end.
+fn parse_until<'s>(rest: &mut &'s str, nested: bool) -> Option<Vec<Part<'s>>> {
+    let mut parts = Vec::new();
     loop {
         let Some(at) = rest.find([OPEN, CLOSE, SEP]) else {
             if nested {
                 return None;
             }
-            out.push_str(rest);
+            parts.push(Part::Text(rest));
             *rest = "";
-            return Some(out);
+            return Some(parts);
         };
-        out.push_str(&rest[..at]);
+        parts.push(Part::Text(&rest[..at]));
         let delimiter = rest[at..].chars().next().expect("found a delimiter");
         *rest = &rest[at + delimiter.len_utf8()..];
         match delimiter {
-            CLOSE if nested => return Some(out),
+            CLOSE if nested => return Some(parts),
             OPEN => match rest.strip_prefix('=') {
+                Some(_) if nested => return None,
                 Some(after) => {
                     let (encoding, content) = after.split_once(SEP)?;
-                    if encoding.contains([OPEN, CLOSE]) {
+                    if !ENCODINGS.contains(&encoding) {
                         return None;
                     }
                     *rest = content;
-                    let inner = resolve_until(rest, value, true)?;
-                    out.push_str(&match encoding {
-                        "tojson" => json_inner(&inner),
-                        "b64encode" => base64_standard(&inner),
-                        _ => return None,
-                    });
+                    parts.push(Part::Encoded(encoding, parse_until(rest, true)?));
                 }
                 None => {
                     let (name, after) = rest.split_once(CLOSE)?;
-                    out.push_str(value(name)?);
+                    if !OPAQUE.contains(&name) {
+                        return None;
+                    }
+                    parts.push(Part::Value(name));
                     *rest = after;
                 }
             },
             _ => return None,
         }
     }
+}
+
+/// The output with the values in place of their markers.
+fn resolve<'v>(parts: &[Part], value: &dyn Fn(&str) -> &'v str) -> String {
+    let mut out = String::new();
+    for part in parts {
+        match part {
+            Part::Text(text) => out.push_str(text),
+            Part::Value(name) => out.push_str(value(name)),
+            Part::Encoded(encoding, inner) => {
+                let inner = resolve(inner, value);
+                out.push_str(&match *encoding {
+                    "tojson" => json_inner(&inner),
+                    _ => base64_standard(&inner),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The largest output the structure can have, each value counted at [`OPAQUE_BUDGET`] through its
+/// encoding's worst expansion: the same for every token.
+fn measure(parts: &[Part]) -> usize {
+    parts
+        .iter()
+        .map(|part| match part {
+            Part::Text(text) => text.len(),
+            Part::Value(_) => OPAQUE_BUDGET,
+            // `\u003c` for `<`: six bytes for one.
+            Part::Encoded("tojson", inner) => measure(inner) * 6,
+            Part::Encoded(_, inner) => measure(inner).div_ceil(3) * 4,
+        })
+        .sum()
 }
 
 /// The hash a target Secret records (`ANNOTATION_TEMPLATE_HASH`) for a grant's template.
@@ -618,6 +689,33 @@ mod tests {
         let err = compile(Some(&template(&[("x", "{{ access_token[:12] }}")])), &defaults()).unwrap_err().0;
         assert!(err.contains("can only be written out whole, or through tojson or b64encode"), "{err}");
         assert!(err.starts_with("spec.target.template.data[x]"), "{err}");
+    }
+
+    /// Review of issue 23: each `tojson` of a JSON string multiplies its size (backslashes double),
+    /// so a chain of them grew the output exponentially past every limit checked on the markers
+    /// (28 of them: about 0.5 GB, on every replica, before the leader check).
+    #[test]
+    fn an_encoding_of_an_encoding_is_refused_before_it_can_grow() {
+        for source in [
+            "{{ access_token | tojson | tojson }}",
+            "{{ access_token | tojson | tojson | tojson | tojson | tojson | tojson | tojson | tojson }}",
+            "{{ (access_token | b64encode) | b64encode }}",
+            "{{ (access_token | tojson) | b64encode }}",
+        ] {
+            let err = compile(Some(&template(&[("x", source)])), &defaults()).unwrap_err().0;
+            assert!(err.contains("not one through the other"), "{source}: {err}");
+        }
+        // Through a structure, each value is escaped once where it stands.
+        let spec = template(&[("x", "{{ {'t': access_token, 'p': [phone_number]} | tojson }}")]);
+        let mut v = values();
+        v.access_token = "a\"b<c";
+        let out = compile(Some(&spec), &defaults()).unwrap().unwrap().render(&v).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text(&out, "x")).unwrap();
+        assert_eq!(json, serde_json::json!({"t": "a\"b<c", "p": ["+4799999999"]}));
+        // The limits count each value at its budget through its encoding's worst expansion.
+        let err =
+            compile(Some(&template(&[("x", &"{{ access_token | tojson }}".repeat(6))])), &defaults()).unwrap_err();
+        assert!(err.0.contains("renders more than 64 KiB"), "{err}");
     }
 
     #[test]

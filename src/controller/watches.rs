@@ -26,6 +26,15 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<usize> {
     let shutdown_timeout = options.shutdown_timeout;
+    // The shutdown deadline counts from the signal, not from when in-flight reconciles finished:
+    // the pod's termination grace period does.
+    let signalled = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::Instant::now()
+        })
+    };
     // Api<PartialObjectMeta<_>> asks for metadata only: nobody's Secret data is sent for it.
     let (grants, secrets, secrets_meta): (Api<WgtwoGrant>, Api<Secret>, Api<PartialObjectMeta<Secret>>) =
         match &options.namespace {
@@ -148,7 +157,14 @@ pub async fn run(
             }
         })
         .await;
-    persist_kept(&ctx, tokio::time::Instant::now() + shutdown_timeout).await;
+    let since = match signalled.is_finished() {
+        true => signalled.await.unwrap_or_else(|_| tokio::time::Instant::now()),
+        false => {
+            signalled.abort();
+            tokio::time::Instant::now()
+        }
+    };
+    persist_kept(&ctx, since + shutdown_timeout).await;
     let lost = ctx.memory.unpersisted();
     if !lost.is_empty() && ctx.shared.journal.is_some() {
         error!(grants = ?lost, "stopped with rotated refresh tokens that could not be persisted; the journal keeps them, and a restart in this pod writes them to the state Secrets");

@@ -386,6 +386,9 @@ impl WgtwoClient {
                 ));
                 RefreshAnswer { tokens, response: None }
             }
+            Err(RequestTokenError::Request(lost @ HttpFailure::BodyLost { .. })) => {
+                return Err(OAuthError::AnswerUnusable { operation: OP, message: lost.to_string() });
+            }
             Err(err) => return Err(request_error(OP, err)),
         };
         answered(&answer.tokens);

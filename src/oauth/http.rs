@@ -19,6 +19,10 @@ pub enum HttpFailure {
     /// No complete answer. `sent` is false only when the connection was never established.
     #[error("{message}")]
     Transport { message: String, sent: bool },
+    /// A 2xx status, and then the body broke off: the server did what was asked (for a refresh:
+    /// rotated the token), and its answer is lost.
+    #[error("the answer broke off after HTTP {status}: {message}")]
+    BodyLost { status: u16, message: String },
 }
 
 impl HttpFailure {
@@ -26,6 +30,9 @@ impl HttpFailure {
         match self {
             HttpFailure::Status { status, retry_after } => OAuthError::Status { operation, status, retry_after },
             HttpFailure::Transport { message, sent } => OAuthError::Transport { operation, message, sent },
+            failure @ HttpFailure::BodyLost { .. } => {
+                OAuthError::Transport { operation, message: failure.to_string(), sent: true }
+            }
         }
     }
 }
@@ -62,7 +69,12 @@ impl HttpClient {
         let response = self.inner.execute(request).await.map_err(transport)?;
         let status = response.status();
         let headers = response.headers().clone();
-        let body = response.bytes().await.map_err(transport)?;
+        let body = response.bytes().await.map_err(|err| match (status.is_success(), transport(err)) {
+            (true, HttpFailure::Transport { message, .. }) => {
+                HttpFailure::BodyLost { status: status.as_u16(), message }
+            }
+            (_, failure) => failure,
+        })?;
         let oauth_error_body =
             || serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| v["error"].is_string());
         if status.is_server_error() || status.as_u16() == 429 || (!status.is_success() && !oauth_error_body()) {

@@ -1,5 +1,5 @@
 //! A small stub identity service for faults a real Hydra cannot be made to produce on demand: 5xx,
-//! 429 with Retry-After, a slow answer, a malformed body; and for a provider that, unlike Hydra,
+//! 429 with Retry-After, a slow answer, a malformed or broken-off body; and for a provider that, unlike Hydra,
 //! issues no ID token and tells the phone number only from userinfo. It serves a minimal discovery document so
 //! the client under test takes its normal path, and counts token requests.
 
@@ -24,6 +24,8 @@ pub enum Fault {
     Delay(Duration),
     /// 200 with a body that is not a token response.
     Malformed(String),
+    /// 200, and the body breaks off after its first bytes (the connection is dropped mid-answer).
+    BrokenBody,
 }
 
 /// What the client sent to the token endpoint.
@@ -153,6 +155,19 @@ async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum
             ok()
         }
         Some(Fault::Malformed(body)) => {
+            ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Some(Fault::BrokenBody) => {
+            let chunks: Vec<Result<&'static str, std::io::Error>> =
+                vec![Ok(r#"{"access_token": "stub-access-cut", "refresh_tok"#), Err(std::io::Error::other("cut"))];
+            // The error only after the head and the first bytes went out.
+            let chunks = futures::StreamExt::then(futures::stream::iter(chunks), |chunk| async move {
+                if chunk.is_err() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                chunk
+            });
+            let body = axum::body::Body::from_stream(chunks);
             ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         Some(Fault::Status { status, retry_after, body }) => {
