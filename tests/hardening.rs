@@ -526,14 +526,9 @@ async fn a_grant_can_neither_read_another_grants_secrets_nor_fork_a_lineage_from
 
     // The victim's lineage is whole: a requested refresh presents its live token, once.
     let live = env.live_refresh_token("victim").await.unwrap();
-    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "after"}}});
-    env.grants().patch("victim", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while env.live_refresh_token("victim").await.as_deref() == Some(live.as_str()) {
-        assert!(Instant::now() < deadline, "the victim did not refresh");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    env.wait_ready("victim", "True", "Refreshed", Duration::from_secs(10)).await;
+    env.request_refresh("victim", "after").await;
+    env.wait_refresh_handled("victim", "after", Duration::from_secs(20)).await;
+    assert_ne!(env.live_refresh_token("victim").await.as_deref(), Some(live.as_str()), "the victim did not refresh");
     assert!(env.live_token_is_active("victim").await);
     assert_eq!(env.hydra.recording_proxy().refresh_tokens_presented_twice(), Vec::<String>::new());
 }
@@ -557,9 +552,7 @@ async fn a_watch_connection_that_dies_silently_is_noticed_and_made_again_within_
     proxy.blackhole_open_connections();
     let silenced = Instant::now();
     // A change that only the grant watch brings.
-    let patch =
-        serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "after-silence"}}});
-    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    env.request_refresh("alice", "after-silence").await;
     let deadline = Instant::now() + Duration::from_secs(90);
     while env.status("alice").await.and_then(|s| s.refresh_request_handled).as_deref() != Some("after-silence") {
         assert!(
@@ -593,8 +586,7 @@ async fn sigterm_keeps_retrying_a_failed_state_write_and_hands_the_lease_over_on
 
     // The leader refreshes, and cannot write the rotated token.
     operator_secret_verbs(&env, &["get", "list", "watch"]).await;
-    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "doomed"}}});
-    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    env.request_refresh("alice", "doomed").await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while log_count(&leader, "could not persist the rotated refresh token") == 0 {
         assert!(Instant::now() < deadline, "no failed state write; log:\n{}", leader.log_tail(20));
@@ -621,19 +613,9 @@ async fn sigterm_keeps_retrying_a_failed_state_write_and_hands_the_lease_over_on
     assert!(env.active(&live).await, "the written token is not the live one");
 
     // The standby leads and continues the lineage from it.
-    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "after"}}});
-    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while env.status("alice").await.and_then(|s| s.refresh_request_handled).as_deref() != Some("after") {
-        assert!(
-            Instant::now() < deadline,
-            "the standby did not refresh; {:?}\n{}",
-            env.ready("alice").await,
-            standby.log_tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(10)).await;
+    env.request_refresh("alice", "after").await;
+    env.wait_refresh_handled("alice", "after", Duration::from_secs(30)).await;
+    drop(standby);
     assert!(env.live_token_is_active("alice").await);
     assert_eq!(env.hydra.recording_proxy().refresh_tokens_presented_twice(), Vec::<String>::new());
 }
@@ -647,8 +629,7 @@ async fn sigterm_with_a_rotated_token_that_cannot_be_written_leaves_the_lease_to
     let (mut leader, _) = env.start_operator_with(&["--shutdown-timeout", "2s"]);
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
     operator_secret_verbs(&env, &["get", "list", "watch"]).await;
-    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "doomed"}}});
-    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    env.request_refresh("alice", "doomed").await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while log_count(&leader, "could not persist the rotated refresh token") == 0 {
         assert!(Instant::now() < deadline, "no failed state write; log:\n{}", leader.log_tail(20));

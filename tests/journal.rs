@@ -10,7 +10,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kube::api::{Patch, PatchParams};
 use support::Env;
 use wgtwo_operator::controller::lineage::sha256_hex;
 use wgtwo_testenv::process::ChildGuard;
@@ -32,11 +31,6 @@ async fn wait_for(what: &str, within: Duration, mut done: impl AsyncFnMut() -> b
         assert!(Instant::now() < deadline, "{what} within {within:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn request_refresh(env: &Env, grant: &str, value: &str) {
-    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": value}}});
-    env.grants().patch(grant, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
 }
 
 /// What a kill in the window left behind.
@@ -64,7 +58,7 @@ async fn kill_between_answer_and_state_write(env: &mut Env, grant: &str, journal
     let presented = env.live_refresh_token(grant).await.unwrap();
     let hydra_proxy = env.hydra.recording_proxy();
     hydra_proxy.hold_token_answers(Duration::from_millis(1500));
-    request_refresh(env, grant, &format!("kill-{grant}")).await;
+    env.request_refresh(grant, &format!("kill-{grant}")).await;
     wait_for("a token request", Duration::from_secs(10), async || hydra_proxy.token_requests_in_flight() == 1).await;
     proxy.blackhole_everything();
     wait_for("the answer passed on", Duration::from_secs(10), async || hydra_proxy.token_requests_in_flight() == 0)
@@ -141,7 +135,7 @@ async fn a_kill_between_the_answer_and_the_state_write_loses_the_grant_without_t
     assert_eq!(env.secret_value("alice-token", "access_token").await.as_deref(), Some(access.as_str()));
     assert_eq!(env.live_refresh_token("alice").await.as_deref(), Some(rotated.as_str()));
     assert_eq!(env.hydra.recording_proxy().presentations().len(), presented_before, "replay sent no token request");
-    request_refresh(&env, "alice", "after-restart").await;
+    env.request_refresh("alice", "after-restart").await;
     wait_for("a refresh after the restart", Duration::from_secs(30), async || {
         env.status("alice").await.unwrap().refresh_request_handled.as_deref() == Some("after-restart")
     })
@@ -195,7 +189,7 @@ async fn a_superseded_entry_is_dropped_and_never_overwrites_the_subscribers_new_
     assert!(logs_of(&env).contains("journal entry superseded; dropped"));
     assert_eq!(env.secret_value("carol-wgtwo-state", "source_sha256").await.as_deref(), Some(new_lineage.as_str()));
     assert_eq!(env.live_refresh_token("carol").await.unwrap(), live);
-    request_refresh(&env, "carol", "after-replay").await;
+    env.request_refresh("carol", "after-replay").await;
     wait_for("a refresh after the replay", Duration::from_secs(30), async || {
         env.status("carol").await.unwrap().refresh_request_handled.as_deref() == Some("after-replay")
     })

@@ -303,8 +303,7 @@ async fn a_replica_that_lost_the_lease_never_writes_its_kept_answer_over_a_newer
     // write lands at once, its answer comes after A gave up on it (5 s), and A's Lease lapses.
     let hydra = env.hydra.recording_proxy();
     hydra.hold_token_answers(Duration::from_millis(1500));
-    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "one"}}});
-    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    env.request_refresh("alice", "one").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while hydra.token_requests_in_flight() == 0 {
         assert!(Instant::now() < deadline, "A sent no token request");
@@ -344,14 +343,8 @@ async fn a_replica_that_lost_the_lease_never_writes_its_kept_answer_over_a_newer
     assert_eq!(env.live_refresh_token("alice").await.as_deref(), Some(r2.as_str()), "A wrote over B's refresh");
 
     // B's next refresh presents R2: the lineage is whole, and no token was presented twice.
-    let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": "two"}}});
-    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while env.status("alice").await.and_then(|s| s.refresh_request_handled).as_deref() != Some("two") {
-        assert!(Instant::now() < deadline, "B did not refresh again; {:?}", env.ready("alice").await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(10)).await;
+    env.request_refresh("alice", "two").await;
+    env.wait_refresh_handled("alice", "two", Duration::from_secs(20)).await;
     assert!(env.live_token_is_active("alice").await);
     assert_eq!(hydra.refresh_tokens_presented_twice(), Vec::<String>::new());
 }

@@ -250,6 +250,26 @@ impl Env {
         }
     }
 
+    /// Asks for a refresh of `grant` (the annotation `wgtwo-operator refresh` sets) with `value`.
+    pub async fn request_refresh(&self, grant: &str, value: &str) {
+        let patch = serde_json::json!({"metadata": {"annotations": {"auth.wgtwo.com/refresh-requested-at": value}}});
+        self.grants().patch(grant, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    }
+
+    /// Waits until the operator has acted on the refresh request `value` and the grant is Ready.
+    pub async fn wait_refresh_handled(&self, grant: &str, value: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.status(grant).await.and_then(|s| s.refresh_request_handled).as_deref() != Some(value) {
+            assert!(
+                Instant::now() < deadline,
+                "{grant}: refresh request {value} not handled within {within:?}; Ready: {:?}",
+                self.ready(grant).await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.wait_ready(grant, "True", "Refreshed", Duration::from_secs(10)).await;
+    }
+
     pub async fn secret_value(&self, secret: &str, key: &str) -> Option<String> {
         let s = self.secrets().get_opt(secret).await.unwrap()?;
         s.data.and_then(|d| d.get(key).map(|v| String::from_utf8(v.0.clone()).unwrap()))
