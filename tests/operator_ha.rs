@@ -348,3 +348,65 @@ async fn a_replica_that_lost_the_lease_never_writes_its_kept_answer_over_a_newer
     assert!(env.live_token_is_active("alice").await);
     assert_eq!(hydra.refresh_tokens_presented_twice(), Vec::<String>::new());
 }
+
+/// Review of issue 23: a kept answer that began its lineage (the first refresh from the subscriber's
+/// token u1) was retried with no look at the subscriber's Secret. After a re-authorization (u2)
+/// that another leader took into use, the retry wrote the old lineage over the new one, and that
+/// leader's next reconcile adopted u2 again: a reuse that revoked the new family.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_first_answer_is_dropped_once_the_subscriber_authorized_again_and_another_leader_took_it() {
+    let mut env = Env::start(HydraOptions { recording_proxy: true, ..Default::default() }).await;
+    let u1 = env.authorize("alice").await;
+    env.create_grant("alice", &u1, |_| {}).await;
+    let partition =
+        wgtwo_testenv::TcpProxy::start(env.cp.url().trim_start_matches("https://").parse().unwrap()).await.unwrap();
+    env.hydra.recording_proxy().hold_token_answers(Duration::from_millis(1500));
+    let kubeconfig = env.operator_kubeconfig_through(partition.port());
+    let (process, port) = env.start_operator_using(&[], &kubeconfig);
+    let a = Replica { name: "A", process, port };
+    // A presents u1; while the answer is on its way, A is cut off from the apiserver: its state
+    // write hangs (kept, unwritten) and its Lease lapses.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.hydra.recording_proxy().token_requests_in_flight() == 0 {
+        assert!(Instant::now() < deadline, "A sent no token request");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    partition.blackhole_everything();
+    env.hydra.recording_proxy().hold_token_answers(Duration::ZERO);
+    // The write gives up after 5 s; reporting it (an Event, the status) waits out the API timeouts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(a.process.log_path())
+        .unwrap()
+        .contains("could not persist the rotated refresh token")
+    {
+        assert!(Instant::now() < deadline, "A's state write did not fail; log:\n{}", a.process.log_tail(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(env.live_refresh_token("alice").await, None);
+    // The subscriber authorizes again; B leads once A's Lease lapses and takes u2 into use.
+    let u2 = env.authorize("alice").await;
+    env.put_secret("alice-authorization", &[("refresh_token", &u2)]).await;
+    let (process, port) = env.start_operator_with(&[]);
+    let b = Replica { name: "B", process, port };
+    b.wait_leads(LEASE * 2).await;
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+    let n1 = env.live_refresh_token("alice").await.unwrap();
+    // A reaches the apiserver again: its kept answer (from u1) must not replace B's lineage.
+    partition.heal();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !std::fs::read_to_string(a.process.log_path()).unwrap().contains("superseded before it could be written") {
+        assert_eq!(
+            env.live_refresh_token("alice").await.as_deref(),
+            Some(n1.as_str()),
+            "A wrote the old lineage over B's"
+        );
+        assert!(Instant::now() < deadline, "A never dropped its kept answer; log:\n{}", a.process.log_tail(30));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(env.live_refresh_token("alice").await.as_deref(), Some(n1.as_str()), "A wrote the old lineage over B's");
+    // B refreshes on from N1; nothing was presented twice.
+    env.request_refresh("alice", "after").await;
+    env.wait_refresh_handled("alice", "after", Duration::from_secs(20)).await;
+    assert!(env.live_token_is_active("alice").await);
+    assert_eq!(env.hydra.recording_proxy().refresh_tokens_presented_twice(), Vec::<String>::new());
+}

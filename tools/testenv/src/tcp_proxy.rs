@@ -78,6 +78,14 @@ impl TcpProxy {
         self.all_dead.store(true, Ordering::SeqCst);
     }
 
+    /// Connections made from now on work again (those black-holed stay so: as after a partition
+    /// heals, the peer must notice its dead connections and make new ones).
+    pub fn heal(&self) {
+        self.all_dead.store(false, Ordering::SeqCst);
+        let newest = self.next_id.load(Ordering::SeqCst) - 1;
+        self.dead_up_to.fetch_max(newest, Ordering::SeqCst);
+    }
+
     /// How many connections were made through the proxy.
     pub fn connections(&self) -> u64 {
         self.next_id.load(Ordering::SeqCst) - 1
