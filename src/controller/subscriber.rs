@@ -205,9 +205,9 @@ impl Run<'_> {
 
     /// Writes the answer: rotated refresh token first, then the access token, then the status. The
     /// answer stays kept in memory until all three succeeded (a retried write of the same token is
-    /// harmless). With `verify` (a fresh answer), its ID token is verified after the state write
-    /// (whether or not that succeeded), and a phone number the ID token did not carry is asked from
-    /// userinfo, once per authorization. Returns when the next refresh is due, and why the ID token
+    /// harmless). With `verify` (a fresh answer), its ID token is verified alongside the state write
+    /// (never holding it up), and a phone number the ID token did not carry is asked from userinfo,
+    /// once per authorization. Returns when the next refresh is due, and why the ID token
     /// did not verify, if it did not.
     pub(super) async fn publish(
         &self,
