@@ -569,6 +569,18 @@ async fn a_watch_connection_that_dies_silently_is_noticed_and_made_again_within_
     assert!(env.live_token_is_active("alice").await);
 }
 
+/// Takes the operator's rights to write Secrets, then has it refresh `grant`: the rotated token is
+/// kept, unwritten, once this returns.
+async fn refresh_while_writes_are_refused(env: &Env, leader: &wgtwo_testenv::process::ChildGuard, grant: &str) {
+    operator_secret_verbs(env, &["get", "list", "watch"]).await;
+    env.request_refresh(grant, "doomed").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while log_count(leader, "could not persist the rotated refresh token") == 0 {
+        assert!(Instant::now() < deadline, "no failed state write; log:\n{}", leader.log_tail(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Issue 23, item 4: at SIGTERM the controller stopped at once and released the Lease, dropping an
 /// answer whose state write was failing: the standby led at its next tick and presented the
 /// rotated-away token (a reuse: Hydra revokes the family). Now the write is retried until
@@ -585,13 +597,7 @@ async fn sigterm_keeps_retrying_a_failed_state_write_and_hands_the_lease_over_on
     let persisted = env.live_refresh_token("alice").await.unwrap();
 
     // The leader refreshes, and cannot write the rotated token.
-    operator_secret_verbs(&env, &["get", "list", "watch"]).await;
-    env.request_refresh("alice", "doomed").await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while log_count(&leader, "could not persist the rotated refresh token") == 0 {
-        assert!(Instant::now() < deadline, "no failed state write; log:\n{}", leader.log_tail(20));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    refresh_while_writes_are_refused(&env, &leader, "alice").await;
 
     // SIGTERM now; the apiserver lets the write through again 3 s later.
     let sent = Instant::now();
@@ -628,13 +634,7 @@ async fn sigterm_with_a_rotated_token_that_cannot_be_written_leaves_the_lease_to
     env.create_authorized_grant("alice").await;
     let (mut leader, _) = env.start_operator_with(&["--shutdown-timeout", "2s"]);
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
-    operator_secret_verbs(&env, &["get", "list", "watch"]).await;
-    env.request_refresh("alice", "doomed").await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while log_count(&leader, "could not persist the rotated refresh token") == 0 {
-        assert!(Instant::now() < deadline, "no failed state write; log:\n{}", leader.log_tail(20));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    refresh_while_writes_are_refused(&env, &leader, "alice").await;
     let status = tokio::task::block_in_place(|| leader.terminate(Duration::from_secs(20))).unwrap();
     assert!(status.success(), "{status}");
     let log = std::fs::read_to_string(leader.log_path()).unwrap();

@@ -311,24 +311,11 @@ async fn a_replica_that_lost_the_lease_never_writes_its_kept_answer_over_a_newer
     }
     slow.stall_answers(Duration::from_secs(25));
     hydra.hold_token_answers(Duration::ZERO);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let r1 = loop {
-        match env.live_refresh_token("alice").await {
-            Some(t) if t != r0 => break t,
-            _ => assert!(Instant::now() < deadline, "A's state write did not land"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // A's state write lands.
+    let r1 = env.wait_live_token_change("alice", Some(&r0), Duration::from_secs(10)).await;
     // B leads once A's Lease lapses, and refreshes (the request is not handled yet) from R1.
     b.wait_leads(LEASE * 2).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let r2 = loop {
-        match env.live_refresh_token("alice").await {
-            Some(t) if t != r1 => break t,
-            _ => assert!(Instant::now() < deadline, "B did not refresh"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let r2 = env.wait_live_token_change("alice", Some(&r1), Duration::from_secs(20)).await;
     assert!(!a.leads().await, "A still leads");
 
     // A's apiserver recovers; whatever A retries must leave R2 in place.

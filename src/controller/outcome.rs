@@ -59,10 +59,7 @@ pub struct Failed {
 /// What a failed token request shows. `valid_until`: the published access token's expiry, while
 /// it is valid.
 pub fn failed(err: &OAuthError, grant: &Grant, valid_until: Option<Timestamp>) -> Failed {
-    let still_valid = match valid_until {
-        Some(at) => format!(" The published access token stays valid until {at}."),
-        None => " No valid access token is published.".into(),
-    };
+    let still_valid = still_valid(valid_until);
     if err.class() == ErrorClass::Transient {
         // The same words on every retry: the condition and the Event change only when the reason does.
         // A request that reached the server and whose answer was lost may have rotated the token:
@@ -98,6 +95,14 @@ pub fn failed(err: &OAuthError, grant: &Grant, valid_until: Option<Timestamp>) -
         // A subscriber's lineage whose token the server refused, or used up without a usable answer.
         remember_refusal: matches!(grant, Grant::Subscriber { .. })
             && matches!(err, OAuthError::Rejected { .. } | OAuthError::AnswerUnusable { .. }),
+    }
+}
+
+/// The closing sentence of a failure's message: what workloads still have.
+pub fn still_valid(valid_until: Option<Timestamp>) -> String {
+    match valid_until {
+        Some(at) => format!(" The published access token stays valid until {at}."),
+        None => " No valid access token is published.".into(),
     }
 }
 

@@ -9,12 +9,10 @@ impl Run<'_> {
     /// the grant would not survive a restart without the journal. Best effort: the apiserver that
     /// refused the write may refuse this too.
     pub(super) async fn report_persist_failure(&self, failure: &Error, target: Option<&Secret>) {
-        let valid = target.and_then(target::published_token).filter(|t| t.expires_at > Timestamp::now());
-        let still_valid = match valid {
-            Some(t) => format!(" The published access token stays valid until {}.", t.expires_at),
-            None => " No valid access token is published.".into(),
-        };
         let Error::PersistFailed { public, .. } = failure else { return };
+        let valid_until =
+            target.and_then(target::published_token).map(|t| t.expires_at).filter(|at| *at > Timestamp::now());
+        let still_valid = outcome::still_valid(valid_until);
         let message = format!(
             "The rotated refresh token could not be written to Secret {} ({public}); it is kept in memory and the write is retried. Until it is written, a restart of the operator without its journal ends this grant.{still_valid}",
             self.state_name()
@@ -24,7 +22,7 @@ impl Run<'_> {
         if changed {
             self.event(EventType::Warning, why, message.clone()).await;
         }
-        if let Err(err) = self.set_ready(valid.is_some(), why, message, |_| {}).await {
+        if let Err(err) = self.set_ready(valid_until.is_some(), why, message, |_| {}).await {
             debug!(error = %err, "could not report the failed state write in the status");
         }
     }

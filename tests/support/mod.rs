@@ -270,6 +270,22 @@ impl Env {
         self.wait_ready(grant, "True", "Refreshed", Duration::from_secs(10)).await;
     }
 
+    /// Waits until the grant's live refresh token is another than `from` (`None`: until it has one);
+    /// returns it.
+    pub async fn wait_live_token_change(&self, grant: &str, from: Option<&str>, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.live_refresh_token(grant).await {
+                Some(t) if Some(t.as_str()) != from => return t,
+                _ => assert!(
+                    Instant::now() < deadline,
+                    "{grant}: the live refresh token did not change within {within:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn secret_value(&self, secret: &str, key: &str) -> Option<String> {
         let s = self.secrets().get_opt(secret).await.unwrap()?;
         s.data.and_then(|d| d.get(key).map(|v| String::from_utf8(v.0.clone()).unwrap()))
