@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every check CI runs: formatting, lints, and all tests (unit + end-to-end against a real
-# kube-apiserver/etcd and a real Ory Hydra, built by tools/testenv/build.sh on first use).
+# kube-apiserver/etcd and a real Ory Hydra, built by tools/testenv/build.sh on first use, and the
+# chart installed on a one-node cluster from the image built here by tools/image/build.sh).
+# The cluster tests need root and a few Debian 12 packages, installed here when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -13,9 +15,17 @@ if (( free_kib < 12 * 1024 * 1024 )); then
   echo "warning: only $(( free_kib / 1024 / 1024 )) GiB free on $(df -P . | awk 'NR == 2 { print $6 }'); the tests need about 12 GiB" >&2
 fi
 
-step "building or reusing the test peers and tools (kube-apiserver, etcd, kubectl, hydra, promtool, helm)"
+step "Debian packages of the one-node cluster (tools/testenv/debian-deps.sh)"
+tools/testenv/debian-deps.sh
+
+step "building or reusing the test peers and tools (kube-apiserver, etcd, kubectl, hydra, promtool, helm, kubelet, containerd)"
 bins=$(tools/testenv/build.sh)
 echo "$bins"
+
+step "the operator image, from the Dockerfile (tools/image/build.sh)"
+image_archive=$(dirname "$(dirname "$(echo "$bins" | head -1 | cut -d= -f2)")")/operator-image.tar
+tools/image/build.sh --tag localhost/wgtwo-operator:test --archive "$image_archive"
+export WGTWO_OPERATOR_IMAGE_ARCHIVE=$image_archive
 
 step "hadolint Dockerfile"
 tools/hadolint.sh
@@ -44,7 +54,8 @@ target/debug/wgtwo-agent-bench --operator target/debug/wgtwo-operator --updates 
 # The harness kills every server it starts; prove it, so a leak cannot go unnoticed.
 step "checking for leftover test processes"
 cache_root=$(dirname "$(dirname "$(echo "$bins" | head -1 | cut -d= -f2)")")
-leftover=$(pgrep -fa "^$cache_root/" || true)
+# Also what ran in the node's pods (its sandboxes and the operator's containers).
+leftover=$( (pgrep -fa "^$cache_root/"; pgrep -fa '^/catatonit'; pgrep -fa '^/usr/local/bin/wgtwo-operator') || true)
 if [[ -n "$leftover" ]]; then
   echo "leftover processes after the tests:"; echo "$leftover"; exit 1
 fi

@@ -28,6 +28,8 @@ pub fn ttl(secs: u64) -> HydraOptions {
 }
 
 pub struct Env {
+    /// The node of a cluster test ([`Env::start_in_cluster`]); dropped before the control plane.
+    pub cluster: Option<wgtwo_testenv::Cluster>,
     pub cp: ControlPlane,
     pub hydra: Hydra,
     pub client: OAuthClient,
@@ -104,6 +106,7 @@ impl Env {
         cp.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", manifests.to_str().unwrap()]).unwrap();
         let (_, operator_kubeconfig) = cp.service_account_client(OPERATOR_NS, OPERATOR_SA).await.unwrap();
         let env = Env {
+            cluster: None,
             cp,
             hydra,
             client,
@@ -113,6 +116,43 @@ impl Env {
             dir,
             operator_kubeconfig,
             watch_namespace: Some(NS.into()),
+            operator_starts: 0,
+        };
+        env.put_secret(
+            "wgtwo-client",
+            &[("client_id", &env.client.client_id), ("client_secret", &env.client.client_secret)],
+        )
+        .await;
+        env
+    }
+
+    /// A one-node cluster (the operator's image imported) and a Hydra that pods reach, behind the
+    /// recording proxy. Nothing of the operator is installed: the tests install the chart.
+    pub async fn start_in_cluster(options: HydraOptions) -> Env {
+        let image = wgtwo_testenv::image::operator_image().unwrap();
+        let options = HydraOptions { recording_proxy: true, public_ip: wgtwo_testenv::cluster::HOST_IP, ..options };
+        let images = [image.as_path()];
+        let (cluster, hydra) = tokio::join!(wgtwo_testenv::Cluster::start(&images), Hydra::start(options));
+        let ((cluster, cp), hydra) = (cluster.unwrap(), hydra.unwrap());
+        let client = hydra.create_client(&[REDIRECT]).await.unwrap();
+        cp.create_namespace(NS).await.unwrap();
+        let kube = cp.admin_client().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("hydra-ca.pem");
+        std::fs::write(&ca_file, hydra.ca_pem()).unwrap();
+        let wgtwo = test_client(&hydra, &client).await;
+        let operator_kubeconfig = cp.admin_kubeconfig().to_owned();
+        let env = Env {
+            cluster: Some(cluster),
+            cp,
+            hydra,
+            client,
+            wgtwo,
+            kube,
+            ca_file,
+            dir,
+            operator_kubeconfig,
+            watch_namespace: None,
             operator_starts: 0,
         };
         env.put_secret(

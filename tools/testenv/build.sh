@@ -10,6 +10,9 @@
 #     hydra      Ory Hydra
 #     promtool   checks /metrics scrapes, alert rules and the dashboard's queries (tests only)
 #     helm       lints and renders deploy/chart (tests only)
+#     node       kubelet, kube-scheduler, kube-proxy (the one-node cluster; same Kubernetes as kube)
+#     containerd containerd, its runc shim, ctr and runc (the node's container runtime; runc at the
+#                version containerd pins, with seccomp: needs libseccomp-dev)
 #
 # Cache root: $WGTWO_TESTENV_CACHE, default ~/.cache/wgtwo-operator/testenv.
 set -euo pipefail
@@ -25,7 +28,7 @@ version() { (cd "$here/$2" && go list -m -f '{{.Version}}' "$1"); }
 
 # key NAME [DIR]: a short hash of every file of the wrapper module in DIR (default NAME) and of
 # NAME's build function (its flags), so changing one binary's build leaves the others cached.
-key() { { (cd "$here/${2:-$1}" && find . -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) -print0 | sort -z | xargs -0 sha256sum); declare -f "build_$1"; if [[ $1 == kube || $1 == kcm ]]; then declare -f kube_flags; fi; } | sha256sum | cut -c1-12; }
+key() { { (cd "$here/${2:-$1}" && find . -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) -print0 | sort -z | xargs -0 sha256sum); declare -f "build_$1"; if [[ $1 == kube || $1 == kcm || $1 == node ]]; then declare -f kube_flags; fi; } | sha256sum | cut -c1-12; }
 
 # ensure NAME VERSION BUILD_FN [DIR]: run BUILD_FN in the wrapper module DIR (default NAME) into a
 # temp dir once, then move it into place atomically.
@@ -74,6 +77,34 @@ kube_flags() {
   echo "$flags"
 }
 
+# The node's binaries come from their own wrapper module (so adding them did not rebuild the
+# apiserver), pinned to the same k8s.io/kubernetes version as kube: a version skew is refused.
+build_node() {
+  local flags
+  [[ $(version k8s.io/kubernetes node) == "$(version k8s.io/kubernetes kube)" ]] \
+    || { echo "testenv: node/go.mod and kube/go.mod pin different k8s.io/kubernetes versions" >&2; return 1; }
+  flags=$(kube_flags)
+  for cmd in kubelet kube-scheduler kube-proxy; do
+    go build -ldflags="$flags" -o "$1/$cmd" "k8s.io/kubernetes/cmd/$cmd"
+  done
+}
+
+# As containerd's Makefile: the version is stamped, the shim is static (it runs in the pods' mount
+# namespaces), and the daemon keeps cgo off (no btrfs, no cgo-only snapshotters).
+build_containerd() {
+  local v pkg flags
+  v=$(version github.com/containerd/containerd/v2 containerd)
+  pkg=github.com/containerd/containerd/v2
+  flags="-s -w -X $pkg/version.Version=$v -X $pkg/version.Package=github.com/containerd/containerd/v2"
+  for cmd in containerd containerd-shim-runc-v2 ctr; do
+    CGO_ENABLED=0 go build -tags no_btrfs -ldflags="$flags" -o "$1/$cmd" "$pkg/cmd/$cmd"
+  done
+  # As runc's Makefile: seccomp through libseccomp (cgo), so RuntimeDefault profiles apply.
+  CGO_ENABLED=1 go build -tags "seccomp urfave_cli_no_docs" \
+    -ldflags="-s -w -X main.version=$(version github.com/opencontainers/runc containerd)" \
+    -o "$1/runc" github.com/opencontainers/runc
+}
+
 build_kcm() {
   go build -ldflags="$(kube_flags)" -o "$1/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager
 }
@@ -108,7 +139,9 @@ for what in "$@"; do
     hydra) ensure hydra "$(version github.com/ory/hydra/v2 hydra)" build_hydra ;;
     promtool) ensure promtool "$(version github.com/prometheus/prometheus promtool)" build_promtool ;;
     helm) ensure helm "$(version helm.sh/helm/v3 helm)" build_helm ;;
-    all) "$0" kube kcm hydra promtool helm ;;
-    *) echo "usage: $0 [all | kube kcm hydra promtool helm ...]" >&2; exit 2 ;;
+    node) ensure node "$(version k8s.io/kubernetes node)" build_node ;;
+    containerd) ensure containerd "$(version github.com/containerd/containerd/v2 containerd)" build_containerd ;;
+    all) "$0" kube kcm hydra promtool helm node containerd ;;
+    *) echo "usage: $0 [all | kube kcm hydra promtool helm node containerd ...]" >&2; exit 2 ;;
   esac
 done

@@ -32,7 +32,14 @@ impl TestCa {
 
     /// A serving certificate for `localhost` and `127.0.0.1`.
     pub fn loopback_server(&self, common_name: &str) -> anyhow::Result<CertKey> {
-        let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        self.server(common_name, &[])
+    }
+
+    /// A serving certificate for `localhost`, `127.0.0.1` and each of `names` (host names or IPs).
+    pub fn server(&self, common_name: &str, names: &[&str]) -> anyhow::Result<CertKey> {
+        let mut all = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        all.extend(names.iter().map(|n| n.to_string()));
+        let mut params = CertificateParams::new(all)?;
         params.distinguished_name.push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(params)

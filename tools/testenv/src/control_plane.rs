@@ -46,18 +46,51 @@ impl ControlPlane {
 
     /// Starts etcd and kube-apiserver without installing any CRD.
     pub async fn start_bare() -> anyhow::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Starts etcd and kube-apiserver for a node ([`crate::Cluster`]): the apiserver listens on
+    /// `node`'s address (the pods' gateway) and publishes it as the `kubernetes` Service's endpoint,
+    /// authorizes kubelets (Node,RBAC) and reaches them with a client certificate. The repo's CRDs
+    /// are not installed (the chart installs them).
+    pub(crate) async fn start_for_node(node: &NodeAccess) -> anyhow::Result<Self> {
+        Self::start_with(Some(node)).await
+    }
+
+    async fn start_with(node: Option<&NodeAccess>) -> anyhow::Result<Self> {
         let dir = crate::temp_dir("wgtwo-kube-")?;
-        let ca = TestCa::new("wgtwo-testenv-kube-ca")?;
+        let ca = match node {
+            Some(n) => n.ca.clone(),
+            None => std::sync::Arc::new(TestCa::new("wgtwo-testenv-kube-ca")?),
+        };
         let ca_pem = ca.pem();
-        let serving = ca.loopback_server("kube-apiserver")?;
+        let ip = node.map_or("127.0.0.1".to_owned(), |n| n.ip.to_string());
+        let serving = match node {
+            // The names pods use: the `kubernetes` Service's ClusterIP and DNS names.
+            Some(_) => ca.server(
+                "kube-apiserver",
+                &[
+                    &ip,
+                    KUBERNETES_SERVICE_IP,
+                    "kubernetes",
+                    "kubernetes.default",
+                    "kubernetes.default.svc",
+                    "kubernetes.default.svc.cluster.local",
+                ],
+            )?,
+            None => ca.loopback_server("kube-apiserver")?,
+        };
         let admin = ca.client("testenv-admin", &["system:masters"])?;
         let service_account = signing_key()?;
+        let kubelet_client = ca.client("kube-apiserver-kubelet-client", &["system:masters"])?;
         let files = [
             ("ca.crt", &ca_pem),
             ("apiserver.crt", &serving.cert_pem),
             ("apiserver.key", &serving.key_pem),
             ("service-account.key", &service_account.key_pem),
             ("service-account.pub", &service_account.cert_pem),
+            ("kubelet-client.crt", &kubelet_client.cert_pem),
+            ("kubelet-client.key", &kubelet_client.key_pem),
         ];
         for (name, pem) in files {
             std::fs::write(dir.path().join(name), pem)?;
@@ -87,26 +120,38 @@ impl ControlPlane {
         .await?;
 
         let port = free_port();
-        let url = format!("https://127.0.0.1:{port}");
+        let url = format!("https://{ip}:{port}");
         let path = |name: &str| dir.path().join(name).display().to_string();
-        let api_args = vec![
+        let mut api_args = vec![
             format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
-            // No kubelet or network here: nothing should publish the apiserver's (loopback) endpoint.
-            "--endpoint-reconciler-type=none".into(),
+            format!("--bind-address={ip}"),
+            format!("--advertise-address={ip}"),
             format!("--secure-port={port}"),
             format!("--cert-dir={}", path("certs")),
             format!("--tls-cert-file={}", path("apiserver.crt")),
             format!("--tls-private-key-file={}", path("apiserver.key")),
             format!("--client-ca-file={}", path("ca.crt")),
-            "--authorization-mode=RBAC".into(),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
             format!("--service-account-key-file={}", path("service-account.pub")),
             format!("--service-account-signing-key-file={}", path("service-account.key")),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             "--v=1".into(),
         ];
+        match node {
+            Some(_) => api_args.extend([
+                "--authorization-mode=Node,RBAC".into(),
+                format!("--kubelet-client-certificate={}", path("kubelet-client.crt")),
+                format!("--kubelet-client-key={}", path("kubelet-client.key")),
+                format!("--kubelet-certificate-authority={}", path("ca.crt")),
+                // The node's name resolves nowhere; its InternalIP is the pods' gateway.
+                "--kubelet-preferred-address-types=InternalIP".into(),
+            ]),
+            None => api_args.extend([
+                "--authorization-mode=RBAC".into(),
+                // No kubelet or network here: nothing should publish the apiserver's (loopback) endpoint.
+                "--endpoint-reconciler-type=none".into(),
+            ]),
+        }
         let mut api_cmd = Command::new(binaries::path("kube-apiserver"));
         api_cmd.args(&api_args);
         let mut apiserver = ChildGuard::spawn("kube-apiserver", api_cmd, &dir.path().join("kube-apiserver.log"))?;
@@ -172,6 +217,35 @@ impl ControlPlane {
             std::fs::read_to_string(&log).is_ok_and(|l| {
                 l.contains("synced garbage collector") || l.contains("All resource monitors have synced")
             })
+        })
+        .await?;
+        self.controller_manager = Some(child);
+        Ok(())
+    }
+
+    /// Starts kube-controller-manager with every controller a cluster runs by default (Deployments,
+    /// ReplicaSets, the disruption controller behind PodDisruptionBudgets, ServiceAccounts, the
+    /// `kube-root-ca.crt` ConfigMaps, EndpointSlices, node lifecycle, garbage collection), and waits
+    /// until `default` has its ServiceAccount and CA ConfigMap, which every pod needs.
+    pub(crate) async fn start_all_controllers(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir.path();
+        let mut cmd = Command::new(binaries::path("kube-controller-manager"));
+        cmd.arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
+            .arg("--controllers=*")
+            .arg(format!("--root-ca-file={}", dir.join("ca.crt").display()))
+            .arg(format!("--service-account-private-key-file={}", dir.join("service-account.key").display()))
+            .arg("--leader-elect=false")
+            .arg("--secure-port=0")
+            .arg("--v=1");
+        let log = dir.join("kube-controller-manager.log");
+        let mut child = ChildGuard::spawn("kube-controller-manager", cmd, &log)?;
+        let admin = self.admin_client().await?;
+        wait_until(&mut child, START_TIMEOUT, "kube-controller-manager", || async {
+            let sa = Api::<ServiceAccount>::namespaced(admin.clone(), "default").get_opt("default").await;
+            let ca = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(admin.clone(), "default")
+                .get_opt("kube-root-ca.crt")
+                .await;
+            matches!((sa, ca), (Ok(Some(_)), Ok(Some(_))))
         })
         .await?;
         self.controller_manager = Some(child);
@@ -332,12 +406,23 @@ impl ControlPlane {
     }
 }
 
-enum Credentials<'a> {
+/// The Service IP range; its first address is the `kubernetes` Service's ClusterIP.
+pub const SERVICE_CIDR: &str = "10.0.0.0/24";
+pub(crate) const KUBERNETES_SERVICE_IP: &str = "10.0.0.1";
+
+/// What a control plane for a node needs: the address pods reach the host at, and the CA that signs
+/// every certificate of the cluster (the kubelet's too).
+pub(crate) struct NodeAccess {
+    pub ip: std::net::Ipv4Addr,
+    pub ca: std::sync::Arc<TestCa>,
+}
+
+pub(crate) enum Credentials<'a> {
     ClientCert(&'a CertKey),
     Token(&'a str),
 }
 
-fn kubeconfig_yaml(server: &str, ca_pem: &str, creds: Credentials<'_>) -> String {
+pub(crate) fn kubeconfig_yaml(server: &str, ca_pem: &str, creds: Credentials<'_>) -> String {
     let user = match creds {
         Credentials::ClientCert(pair) => format!(
             "    client-certificate-data: {}\n    client-key-data: {}\n",

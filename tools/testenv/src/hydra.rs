@@ -33,6 +33,9 @@ pub struct HydraOptions {
     /// Put a [`RecordingProxy`] in front of the public endpoint (Hydra's issuer and public URLs name
     /// the proxy), so a test can see every refresh token presented and hold answers back.
     pub recording_proxy: bool,
+    /// The address the public endpoint (or its recording proxy) listens on and is named by:
+    /// loopback, or [`crate::cluster::HOST_IP`] for an operator in a pod.
+    pub public_ip: std::net::Ipv4Addr,
 }
 
 impl Default for HydraOptions {
@@ -45,6 +48,7 @@ impl Default for HydraOptions {
             persistent: false,
             refresh_token_grace_period: Duration::ZERO,
             recording_proxy: false,
+            public_ip: std::net::Ipv4Addr::LOCALHOST,
         }
     }
 }
@@ -115,17 +119,17 @@ impl Hydra {
     pub async fn start(options: HydraOptions) -> anyhow::Result<Self> {
         let dir = crate::temp_dir("wgtwo-hydra-")?;
         let (public_port, admin_port) = (free_port(), free_port());
-        let proxy_listener =
-            if options.recording_proxy { Some(std::net::TcpListener::bind("127.0.0.1:0")?) } else { None };
+        let ip = options.public_ip;
+        let proxy_listener = if options.recording_proxy { Some(std::net::TcpListener::bind((ip, 0))?) } else { None };
         let public_port_seen = match &proxy_listener {
             Some(listener) => listener.local_addr()?.port(),
             None => public_port,
         };
-        let public = Url::parse(&format!("https://127.0.0.1:{public_port_seen}/"))?;
+        let public = Url::parse(&format!("https://{ip}:{public_port_seen}/"))?;
         // The admin API stays plain http on loopback: only the test driver talks to it.
         let admin = Url::parse(&format!("http://127.0.0.1:{admin_port}/"))?;
         let ca = TestCa::new("wgtwo-testenv-hydra-ca")?;
-        let serving = ca.loopback_server("hydra")?;
+        let serving = ca.server("hydra", &[&ip.to_string()])?;
         let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
         std::fs::write(&cert, &serving.cert_pem)?;
         std::fs::write(&key, &serving.key_pem)?;
@@ -423,7 +427,7 @@ serve:
   tls:
     cert: {{path: "{cert}"}}
     key: {{path: "{key}"}}
-  public: {{host: 127.0.0.1, port: {public_port}, tls: {{enabled: true}}}}
+  public: {{host: {public_host}, port: {public_port}, tls: {{enabled: true}}}}
   admin: {{host: 127.0.0.1, port: {admin_port}, tls: {{enabled: false}}}}
 urls:
   self: {{issuer: "{public}", public: "{public}"}}
@@ -447,6 +451,8 @@ ttl:
 "#,
         cert = tls.0.display(),
         key = tls.1.display(),
+        // Behind the recording proxy Hydra itself stays on loopback.
+        public_host = if o.recording_proxy { std::net::Ipv4Addr::LOCALHOST } else { o.public_ip },
         grace = o.refresh_token_grace_period.as_secs(),
         at = o.access_token_ttl.as_secs(),
         rt = o.refresh_token_ttl.as_secs(),

@@ -5,14 +5,17 @@
 
 pub mod binaries;
 pub mod certs;
+pub mod cluster;
 pub mod control_plane;
 pub mod fault_server;
 pub mod hydra;
+pub mod image;
 pub mod process;
 pub mod recording_proxy;
 pub mod tcp_proxy;
 pub mod token_server;
 
+pub use cluster::Cluster;
 pub use control_plane::ControlPlane;
 pub use fault_server::{Fault, FaultServer, TokenRequest};
 pub use hydra::{Callback, Hydra, HydraOptions, OAuthClient, Subscriber};

@@ -99,18 +99,7 @@ impl RecordingProxy {
         upstream: url::Url,
         client: reqwest::Client,
     ) -> anyhow::Result<Self> {
-        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
-        listener.set_nonblocking(true)?;
-        let tls = TlsListener {
-            tcp: tokio::net::TcpListener::from_std(listener)?,
-            acceptor: TlsAcceptor::from(Arc::new(config)),
-        };
+        let tls = TlsListener::new(listener, cert_pem, key_pem)?;
         let shared = Arc::new(Shared::default());
         let app = Router::new().fallback(forward).with_state((shared.clone(), Arc::new(Upstream { upstream, client })));
         let task = tokio::spawn(async move {
@@ -311,9 +300,28 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Completes the TLS handshake before axum sees the connection. Handshakes run one at a time;
 /// that is fine for a test proxy, and a stuck one gives up after a few seconds.
-struct TlsListener {
+/// A TLS listener for axum (rustls, one certificate).
+pub(crate) struct TlsListener {
     tcp: tokio::net::TcpListener,
     acceptor: TlsAcceptor,
+}
+
+impl TlsListener {
+    pub(crate) fn new(listener: std::net::TcpListener, cert_pem: &str, key_pem: &str) -> anyhow::Result<Self> {
+        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        listener.set_nonblocking(true)?;
+        let tls = TlsListener {
+            tcp: tokio::net::TcpListener::from_std(listener)?,
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        };
+        Ok(tls)
+    }
 }
 
 impl axum::serve::Listener for TlsListener {

@@ -37,23 +37,53 @@ pub struct RotatingTokenServer {
     base: String,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
+    ca_pem: Option<String>,
 }
 
 impl RotatingTokenServer {
     /// Serves on loopback (plain HTTP); access tokens live `expires_in` seconds.
     pub async fn start(expires_in: u64) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST, expires_in).await
+    }
+
+    /// Serves HTTPS on `ip` (e.g. [`crate::cluster::HOST_IP`], for an operator in a pod: a grant's
+    /// issuer may be plain http only on loopback) with a certificate of its own CA ([`Self::ca_pem`]).
+    pub async fn start_tls_on(ip: std::net::Ipv4Addr, expires_in: u64) -> anyhow::Result<Self> {
+        let ca = crate::certs::TestCa::new("wgtwo-testenv-token-server-ca")?;
+        let serving = ca.server("token-server", &[&ip.to_string()])?;
+        let listener = std::net::TcpListener::bind((ip, 0))?;
+        let base = format!("https://{}", listener.local_addr()?);
+        let tls = crate::recording_proxy::TlsListener::new(listener, &serving.cert_pem, &serving.key_pem)?;
+        let (shared, app) = Self::app(&base, expires_in);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(tls, app).await;
+        });
+        Ok(Self { base, shared, task, ca_pem: Some(ca.pem()) })
+    }
+
+    /// The CA of a [`Self::start_tls_on`] server.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    fn app(base: &str, expires_in: u64) -> (Arc<Shared>, axum::Router) {
         let shared = Arc::new(Shared { expires_in, ..Default::default() });
-        let app = crate::fault_server::discovery_routes(&base, &format!("{base}/oauth2/token"))
+        let app = crate::fault_server::discovery_routes(base, &format!("{base}/oauth2/token"))
             // Known to have no phone number, so the operator does not ask after every refresh.
             .route("/userinfo", get(|| async { axum::Json(json!({"sub": "bench"})) }))
             .route("/oauth2/token", post(token))
             .with_state(shared.clone());
+        (shared, app)
+    }
+
+    async fn start_on(ip: std::net::Ipv4Addr, expires_in: u64) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (shared, app) = Self::app(&base, expires_in);
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Ok(Self { base, shared, task })
+        Ok(Self { base, shared, task, ca_pem: None })
     }
 
     /// The issuer base URL (no trailing slash).
