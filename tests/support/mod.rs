@@ -132,7 +132,18 @@ impl Env {
         let image = wgtwo_testenv::image::operator_image().unwrap();
         let options = HydraOptions { recording_proxy: true, public_ip: wgtwo_testenv::cluster::HOST_IP, ..options };
         let images = [image.as_path()];
-        let (cluster, hydra) = tokio::join!(wgtwo_testenv::Cluster::start(&images), Hydra::start(options));
+        let started = Instant::now();
+        let (cluster, hydra) = tokio::join!(
+            async {
+                let cluster = wgtwo_testenv::Cluster::start(&images).await;
+                println!(
+                    "cluster: the node Ready and the kubernetes Service routed in {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
+                cluster
+            },
+            Hydra::start(options)
+        );
         let ((cluster, cp), hydra) = (cluster.unwrap(), hydra.unwrap());
         let client = hydra.create_client(&[REDIRECT]).await.unwrap();
         cp.create_namespace(NS).await.unwrap();

@@ -73,8 +73,9 @@ impl Cluster {
             Path::new(CNI_BIN).join("bridge").exists(),
             "{CNI_BIN}/bridge is missing: apt-get install containernetworking-plugins iptables"
         );
-        let lock_path = std::env::temp_dir().join("wgtwo-testenv-node.lock");
-        let lock = File::create(&lock_path)?;
+        // A fixed path: runs with different TMPDIRs share the bridge and the rules all the same.
+        let lock_path = Path::new("/run/wgtwo-testenv-node.lock");
+        let lock = File::create(lock_path)?;
         // Blocking: another test binary's node must be gone first.
         tokio::task::block_in_place(|| {
             // SAFETY: flock on a file descriptor we own.
@@ -372,6 +373,9 @@ clientConnection:
   kubeconfig: {kubeconfig}
 metricsBindAddress: 127.0.0.1:{metrics}
 healthzBindAddress: 127.0.0.1:{healthz}
+iptables:
+  # No NodePorts on 127.0.0.1 (that would set route_localnet, CVE-2020-8558).
+  localhostNodePorts: false
 conntrack:
   # Leave the machine's conntrack sysctls alone.
   maxPerCore: 0
@@ -471,16 +475,32 @@ struct Network {
     removed: bool,
 }
 
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+const IP_FORWARD_SAVED: &str = "/run/wgtwo-testenv-ip_forward";
+
 /// Forwarded traffic from pods may only go to pods; anything else (DNS, the internet) is dropped,
 /// so no test traffic leaves the machine.
 const FORWARD_RULE: [&str; 8] = ["FORWARD", "-s", POD_CIDR, "!", "-d", POD_CIDR, "-j", "DROP"];
 
 impl Network {
     fn create() -> anyhow::Result<Self> {
-        // Leftovers of a run that was killed before it could clean up.
+        // Leftovers of a run that was killed before it could clean up: only our own route type.
         let _ = run("ip", &["link", "del", BRIDGE]);
-        let _ = run("ip", &["route", "del", SERVICE_CIDR]);
+        let _ = run("ip", &["route", "del", "unreachable", SERVICE_CIDR]);
         while run("iptables", &[&["-w", "-D"][..], &FORWARD_RULE[..]].concat()).is_ok() {}
+        // The ranges must be free on this host: never take over a network it uses.
+        for cidr in [SERVICE_CIDR, POD_CIDR] {
+            let out = Command::new("ip").args(["route", "show", cidr]).output().context("run ip")?;
+            let routes = String::from_utf8_lossy(&out.stdout);
+            anyhow::ensure!(
+                routes.trim().is_empty(),
+                "{cidr} is routed on this host ({}): the test node needs it free",
+                routes.trim()
+            );
+        }
+        // kubelet's CNI bridge turns forwarding on; put back what the host had.
+        let ip_forward = std::fs::read_to_string(IP_FORWARD).unwrap_or_default();
+        std::fs::write(IP_FORWARD_SAVED, &ip_forward)?;
         run("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
         run("ip", &["addr", "add", &format!("{HOST_IP}/24"), "dev", BRIDGE])?;
         run("ip", &["link", "set", BRIDGE, "up"])?;
@@ -504,7 +524,13 @@ impl Network {
                 .output();
         }
         let _ = run("iptables", &[&["-w", "-D"][..], &FORWARD_RULE[..]].concat());
-        let _ = run("ip", &["route", "del", SERVICE_CIDR]);
+        let _ = run("ip", &["route", "del", "unreachable", SERVICE_CIDR]);
+        if let Ok(saved) = std::fs::read_to_string(IP_FORWARD_SAVED)
+            && !saved.trim().is_empty()
+        {
+            let _ = std::fs::write(IP_FORWARD, saved);
+            let _ = std::fs::remove_file(IP_FORWARD_SAVED);
+        }
         let _ = run("ip", &["link", "del", BRIDGE]);
         // kubelet's canary chains (kube-proxy --cleanup leaves them).
         for table in ["filter", "nat", "mangle"] {

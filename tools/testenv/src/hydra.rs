@@ -129,7 +129,8 @@ impl Hydra {
         // The admin API stays plain http on loopback: only the test driver talks to it.
         let admin = Url::parse(&format!("http://127.0.0.1:{admin_port}/"))?;
         let ca = TestCa::new("wgtwo-testenv-hydra-ca")?;
-        let serving = ca.server("hydra", &[&ip.to_string()])?;
+        let serving =
+            if ip.is_loopback() { ca.loopback_server("hydra")? } else { ca.server("hydra", &[&ip.to_string()])? };
         let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
         std::fs::write(&cert, &serving.cert_pem)?;
         std::fs::write(&key, &serving.key_pem)?;
