@@ -433,6 +433,12 @@ async fn the_agent_example_starts_the_application_only_with_the_token_on_disk_an
     }
 }
 
+/// The log of the pod's operator container: the current one, or the last terminated one (which
+/// kubelet keeps), e.g. for the grants whose token request was in flight when it died.
+async fn operator_log(pods: &Api<Pod>, pod: &str, previous: bool) -> kube::Result<String> {
+    pods.logs(pod, &kube::api::LogParams { container: Some("operator".into()), previous, ..Default::default() }).await
+}
+
 /// The running operator container of the only operator pod: (pod name, container id, restarts).
 async fn single_operator(env: &Env) -> Option<(String, String, i32)> {
     let pods = operator_pods(env).await;
@@ -478,14 +484,9 @@ async fn sigkilled_operator_containers_restart_in_their_pod_and_replay_the_journ
         if kill > 1 {
             assert_eq!(pod, pod_name, "restarted in the same pod");
             // The previous container's log: which grants had a token request in flight when it died.
-            let params =
-                kube::api::LogParams { container: Some("operator".into()), previous: true, ..Default::default() };
-            let previous = pods.logs(&pod, &params).await.unwrap();
+            let previous = operator_log(&pods, &pod, true).await.unwrap();
             in_flight_at_a_kill.extend(support::requests_in_flight_at_end(&previous));
-            let current = pods
-                .logs(&pod, &kube::api::LogParams { container: Some("operator".into()), ..Default::default() })
-                .await
-                .unwrap_or_default();
+            let current = operator_log(&pods, &pod, false).await.unwrap_or_default();
             replayed += current
                 .lines()
                 .filter(|l| l.contains("journal: the rotated refresh token of a killed process"))
@@ -502,8 +503,8 @@ async fn sigkilled_operator_containers_restart_in_their_pod_and_replay_the_journ
         assert!(Instant::now() < deadline, "the operator container did not come back after the last kill");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let params = kube::api::LogParams { container: Some("operator".into()), previous: true, ..Default::default() };
-    in_flight_at_a_kill.extend(support::requests_in_flight_at_end(&pods.logs(&pod_name, &params).await.unwrap()));
+    in_flight_at_a_kill
+        .extend(support::requests_in_flight_at_end(&operator_log(&pods, &pod_name, true).await.unwrap()));
     tokio::time::sleep(Duration::from_secs(15)).await;
     let mut lost = Vec::new();
     for name in &names {
@@ -819,10 +820,9 @@ async fn an_operator_outgrowing_its_memory_limit_is_oom_killed_and_then_holds_al
         let (restarts, reason) = last_termination(&pod);
         if restarts > seen_restarts {
             seen_restarts = restarts;
-            let params =
-                kube::api::LogParams { container: Some("operator".into()), previous: true, ..Default::default() };
-            in_flight
-                .extend(support::requests_in_flight_at_end(&pods.logs(&pod_name, &params).await.unwrap_or_default()));
+            in_flight.extend(support::requests_in_flight_at_end(
+                &operator_log(&pods, &pod_name, true).await.unwrap_or_default(),
+            ));
         }
         if reason.as_deref() == Some("OOMKilled") && restarts >= 2 {
             break restarts;
@@ -854,10 +854,9 @@ async fn an_operator_outgrowing_its_memory_limit_is_oom_killed_and_then_holds_al
         let (restarts, reason) = last_termination(&pod);
         if restarts > seen_restarts {
             seen_restarts = restarts;
-            let params =
-                kube::api::LogParams { container: Some("operator".into()), previous: true, ..Default::default() };
-            in_flight
-                .extend(support::requests_in_flight_at_end(&pods.logs(&pod_name, &params).await.unwrap_or_default()));
+            in_flight.extend(support::requests_in_flight_at_end(
+                &operator_log(&pods, &pod_name, true).await.unwrap_or_default(),
+            ));
             println!("restart {restarts} after the resize ({reason:?})");
         }
         let list = grants.list(&ListParams::default()).await.unwrap().items;

@@ -87,13 +87,8 @@ impl Env {
     pub async fn start_with(options: HydraOptions, rbac: Rbac) -> Env {
         let (cp, hydra) = tokio::join!(ControlPlane::start(), Hydra::start(options));
         let (cp, hydra) = (cp.unwrap(), hydra.unwrap());
-        let client = hydra.create_client(&[REDIRECT]).await.unwrap();
         cp.create_namespace(NS).await.unwrap();
-        let kube = cp.admin_client().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let ca_file = dir.path().join("hydra-ca.pem");
-        std::fs::write(&ca_file, hydra.ca_pem()).unwrap();
-        let wgtwo = test_client(&hydra, &client).await;
         let manifests = match rbac {
             Rbac::Shipped => wgtwo_testenv::repo_root().join("deploy/manifests/wgtwo-operator.yaml"),
             Rbac::WatchNamespace => {
@@ -105,8 +100,26 @@ impl Env {
         };
         cp.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", manifests.to_str().unwrap()]).unwrap();
         let (_, operator_kubeconfig) = cp.service_account_client(OPERATOR_NS, OPERATOR_SA).await.unwrap();
+        Self::assemble(None, cp, hydra, dir, operator_kubeconfig, Some(NS.into())).await
+    }
+
+    /// The rest of an Env once its servers run and NS exists: the OAuth client in Hydra and its
+    /// Secret, the tests' own client, the admin client.
+    async fn assemble(
+        cluster: Option<wgtwo_testenv::Cluster>,
+        cp: ControlPlane,
+        hydra: Hydra,
+        dir: tempfile::TempDir,
+        operator_kubeconfig: PathBuf,
+        watch_namespace: Option<String>,
+    ) -> Env {
+        let client = hydra.create_client(&[REDIRECT]).await.unwrap();
+        let kube = cp.admin_client().await.unwrap();
+        let ca_file = dir.path().join("hydra-ca.pem");
+        std::fs::write(&ca_file, hydra.ca_pem()).unwrap();
+        let wgtwo = test_client(&hydra, &client).await;
         let env = Env {
-            cluster: None,
+            cluster,
             cp,
             hydra,
             client,
@@ -115,7 +128,7 @@ impl Env {
             ca_file,
             dir,
             operator_kubeconfig,
-            watch_namespace: Some(NS.into()),
+            watch_namespace,
             operator_starts: 0,
         };
         env.put_secret(
@@ -145,33 +158,9 @@ impl Env {
             Hydra::start(options)
         );
         let ((cluster, cp), hydra) = (cluster.unwrap(), hydra.unwrap());
-        let client = hydra.create_client(&[REDIRECT]).await.unwrap();
         cp.create_namespace(NS).await.unwrap();
-        let kube = cp.admin_client().await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let ca_file = dir.path().join("hydra-ca.pem");
-        std::fs::write(&ca_file, hydra.ca_pem()).unwrap();
-        let wgtwo = test_client(&hydra, &client).await;
         let operator_kubeconfig = cp.admin_kubeconfig().to_owned();
-        let env = Env {
-            cluster: Some(cluster),
-            cp,
-            hydra,
-            client,
-            wgtwo,
-            kube,
-            ca_file,
-            dir,
-            operator_kubeconfig,
-            watch_namespace: None,
-            operator_starts: 0,
-        };
-        env.put_secret(
-            "wgtwo-client",
-            &[("client_id", &env.client.client_id), ("client_secret", &env.client.client_secret)],
-        )
-        .await;
-        env
+        Self::assemble(Some(cluster), cp, hydra, tempfile::tempdir().unwrap(), operator_kubeconfig, None).await
     }
 
     /// Discovers the issuer again for the tests' own client (not the operator's).

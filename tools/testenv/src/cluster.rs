@@ -278,12 +278,10 @@ state = "{state}"
         let dir = self.dir.path().join("kubelet");
         std::fs::create_dir_all(&dir)?;
         let serving = self.ca.server("kubelet", &[&HOST_IP.to_string(), NODE_NAME])?;
-        let client = self.ca.client(&format!("system:node:{NODE_NAME}"), &["system:nodes"])?;
         std::fs::write(dir.join("ca.crt"), self.ca.pem())?;
         std::fs::write(dir.join("kubelet.crt"), &serving.cert_pem)?;
         std::fs::write(dir.join("kubelet.key"), &serving.key_pem)?;
-        let kubeconfig = dir.join("kubelet.kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_yaml(&self.api_url, &self.ca.pem(), Credentials::ClientCert(&client)))?;
+        let kubeconfig = self.component_kubeconfig(&dir, &format!("system:node:{NODE_NAME}"), &["system:nodes"])?;
         let port = crate::free_port();
         let config = format!(
             r#"apiVersion: kubelet.config.k8s.io/v1beta1
@@ -357,12 +355,19 @@ podLogsDir: {dir}/pod-logs
         Ok(())
     }
 
+    /// Writes `dir/kubeconfig` with a client certificate for `user` in `groups` (the identities the
+    /// bootstrap RBAC roles of kubelet, kube-proxy and kube-scheduler are bound to).
+    fn component_kubeconfig(&self, dir: &Path, user: &str, groups: &[&str]) -> anyhow::Result<PathBuf> {
+        let client = self.ca.client(user, groups)?;
+        let path = dir.join("kubeconfig");
+        std::fs::write(&path, kubeconfig_yaml(&self.api_url, &self.ca.pem(), Credentials::ClientCert(&client)))?;
+        Ok(path)
+    }
+
     async fn start_kube_proxy(&mut self) -> anyhow::Result<()> {
         let dir = self.dir.path().join("kube-proxy");
         std::fs::create_dir_all(&dir)?;
-        let client = self.ca.client("system:kube-proxy", &[])?;
-        let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_yaml(&self.api_url, &self.ca.pem(), Credentials::ClientCert(&client)))?;
+        let kubeconfig = self.component_kubeconfig(&dir, "system:kube-proxy", &[])?;
         let config = format!(
             r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
@@ -406,9 +411,7 @@ conntrack:
     async fn start_scheduler(&mut self) -> anyhow::Result<()> {
         let dir = self.dir.path().join("kube-scheduler");
         std::fs::create_dir_all(&dir)?;
-        let client = self.ca.client("system:kube-scheduler", &[])?;
-        let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_yaml(&self.api_url, &self.ca.pem(), Credentials::ClientCert(&client)))?;
+        let kubeconfig = self.component_kubeconfig(&dir, "system:kube-scheduler", &[])?;
         let mut cmd = Command::new(binaries::path("kube-scheduler"));
         cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
             .arg(format!("--authentication-kubeconfig={}", kubeconfig.display()))
