@@ -33,6 +33,9 @@ RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked --bin wgtwo-operator \
     && install -D -m 0755 target/release/wgtwo-operator /out/wgtwo-operator
 
+# Builders that skip stages the result does not use (BuildKit, buildah, podman) never read this
+# stage on the default path. The legacy builder (DOCKER_BUILDKIT=0) and kaniko without
+# --skip-unused-stages build every stage, so there this COPY needs the file: use BuildKit.
 FROM scratch AS prebuilt
 ARG PREBUILT_BINARY=target/release/wgtwo-operator
 COPY ${PREBUILT_BINARY} /out/wgtwo-operator

@@ -47,7 +47,8 @@ commit_rootfs() {
 runtime_base() {
   local pkgs=(libc6 libgcc-s1 ca-certificates tzdata netbase) key image rootfs
   debs "${pkgs[@]}"
-  key=$(cd "$work/debs" && ls | sha256sum | cut -c1-12)
+  # Keyed by the packages and by this recipe, so a change to either builds the base again.
+  key=$( (cd "$work/debs" && ls; declare -f runtime_base commit_rootfs debs) | sha256sum | cut -c1-12)
   image=localhost/wgtwo-runtime-base:debian12-$key
   if ! buildah inspect --type image "$image" >/dev/null 2>&1; then
     rootfs=$work/rootfs
@@ -57,6 +58,8 @@ runtime_base() {
     cat "$rootfs"/usr/share/ca-certificates/mozilla/*.crt >"$rootfs/etc/ssl/certs/ca-certificates.crt"
     printf 'root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' >"$rootfs/etc/passwd"
     printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' >"$rootfs/etc/group"
+    # As distroless ships it: without it glibc's resolver falls back to its built-in order.
+    printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\nprotocols: files\nservices: files\nethers: files\nrpc: files\n' >"$rootfs/etc/nsswitch.conf"
     cp "$rootfs/usr/lib/os-release" "$rootfs/etc/os-release" 2>/dev/null || true
     chmod 1777 "$rootfs/tmp"
     chmod 700 "$rootfs/root"
@@ -124,10 +127,27 @@ CARGO_TARGET_DIR=$target cargo build --release --locked --bin wgtwo-operator
 mkdir -p target/image
 cp "$target/release/wgtwo-operator" target/image/wgtwo-operator
 base=$(runtime_base)
+# The runtime base's glibc must have every symbol version the host-built binary asks for (a newer
+# build host would otherwise make an image that fails at start).
+command -v objdump >/dev/null || { echo "image: objdump missing: apt-get install binutils" >&2; exit 1; }
+needs=$( (objdump -T target/image/wgtwo-operator | grep -o 'GLIBC_[0-9.]*' || true) | sed 's/GLIBC_//' | sort -uV | tail -1)
+libc_version=$(dpkg-deb -f "$(ls "$work"/debs/libc6_*.deb | head -1)" Version)
+has=$(sed -nE 's/^([0-9]+\.[0-9]+)-.*deb12.*$/\1/p' <<<"$libc_version")
+if [[ -z $needs || -z $has ]]; then
+  echo "image: cannot compare glibc versions (binary needs '$needs', libc6 package $libc_version)" >&2
+  exit 1
+fi
+if [[ $(printf '%s\n%s\n' "$needs" "$has" | sort -V | tail -1) != "$has" ]]; then
+  echo "image: the binary needs glibc $needs; the runtime base has $has (build on Debian 12, or use BINARY=build)" >&2
+  exit 1
+fi
+dangling_before=$(buildah images --quiet --filter dangling=true | sort)
 buildah build --quiet --layers=false -f Dockerfile --build-arg BINARY=prebuilt \
   --build-arg PREBUILT_BINARY=target/image/wgtwo-operator --build-arg "RUNTIME_IMAGE=$base" -t "$tag" . >/dev/null
-# The prebuilt stage's image is only an intermediate.
-buildah rmi --prune >/dev/null 2>&1 || true
+# The prebuilt stage's image is only an intermediate: remove it (and no other untagged image).
+for id in $(comm -13 <(echo "$dangling_before") <(buildah images --quiet --filter dangling=true | sort)); do
+  buildah rmi "$id" >/dev/null 2>&1 || true
+done
 check_image "$tag"
 if [[ -n $archive ]]; then
   rm -f "$archive"

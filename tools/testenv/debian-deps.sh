@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages the one-node cluster of tests/cluster.rs needs, when missing:
 # buildah builds the images, the CNI plugins and iptables network the pods, libseccomp-dev and
-# pkg-config build runc with seccomp (tools/testenv/build.sh containerd). Needs root (the node does).
+# pkg-config build runc with seccomp (tools/testenv/build.sh containerd), binutils' objdump checks
+# the image's glibc (tools/image/build.sh). Needs root (the node does).
 set -euo pipefail
 debs=()
 command -v buildah >/dev/null 2>&1 || debs+=(buildah)
@@ -11,6 +12,7 @@ command -v ip >/dev/null 2>&1 || debs+=(iproute2)
 command -v pkill >/dev/null 2>&1 || debs+=(procps)
 command -v pkg-config >/dev/null 2>&1 || debs+=(pkg-config)
 [[ -e /usr/include/seccomp.h ]] || debs+=(libseccomp-dev)
+command -v objdump >/dev/null 2>&1 || debs+=(binutils)
 (( ${#debs[@]} )) || exit 0
 if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
   echo "testenv: the cluster tests need root and Debian 12's ${debs[*]} (apt-get install ${debs[*]})" >&2

@@ -76,15 +76,19 @@ impl Cluster {
         // A fixed path: runs with different TMPDIRs share the bridge and the rules all the same.
         let lock_path = Path::new("/run/wgtwo-testenv-node.lock");
         let lock = File::create(lock_path)?;
-        // Blocking: another test binary's node must be gone first.
-        tokio::task::block_in_place(|| {
+        // Waits for another test binary's node to be gone, polling: a blocked flock would hold a
+        // thread past a test that gives up.
+        loop {
             // SAFETY: flock on a file descriptor we own.
-            if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-                return Err(std::io::Error::last_os_error());
+            if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
             }
-            Ok(())
-        })
-        .context("lock the node")?;
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(err).context("lock the node");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         // The node takes over iptables' KUBE-* chains and a bridge: never next to a real kubelet.
         if let Ok(out) = Command::new("pgrep").args(["-a", "-x", "kubelet"]).output()
             && !out.stdout.is_empty()
@@ -181,6 +185,18 @@ impl Cluster {
         self.ctr(&["tasks", "kill", "--signal", signal, id]).map(drop)
     }
 
+    /// Where a pod's `emptyDir` volume is on the node (a memory-backed one is a tmpfs mounted there).
+    pub fn empty_dir(&self, pod_uid: &str, volume: &str) -> PathBuf {
+        self.dir.path().join("kubelet/root/pods").join(pod_uid).join("volumes/kubernetes.io~empty-dir").join(volume)
+    }
+
+    /// Where kubelet has the runtime write a pod's container logs: one `<restart count>.log` per
+    /// container run, kept until the container is garbage collected (the API serves only the
+    /// current and the previous run).
+    pub fn container_logs(&self, namespace: &str, pod: &str, pod_uid: &str, container: &str) -> PathBuf {
+        self.dir.path().join("kubelet/pod-logs").join(format!("{namespace}_{pod}_{pod_uid}")).join(container)
+    }
+
     /// The directory holding the node's logs and state.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -226,6 +242,8 @@ state = "{state}"
   # Root here lacks CAP_SYS_RESOURCE (a sandboxed VM), so no process may lower its oom_score_adj
   # below containerd's; kubelet's -998 for sandboxes would fail every pod. As on rootless nodes.
   restrict_oom_score_adj = true
+  # The pods' network namespaces under the node's own dir, not the host's /var/run/netns.
+  netns_mounts_under_state_dir = true
   [plugins.'io.containerd.cri.v1.runtime'.containerd]
     default_runtime_name = "runc"
     [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
@@ -322,6 +340,10 @@ serializeImagePulls: false
 crashLoopBackOff:
   maxContainerRestartPeriod: 2s
 podLogsDir: {dir}/pod-logs
+# The tests read a killed container's whole log (which grants it had a request in flight for);
+# kubelet serves only the newest file of a rotated log, and 10,000 grants log more than the 10Mi
+# default.
+containerLogMaxSize: 500Mi
 "#,
             socket = self.containerd_socket().display(),
             host_ip = HOST_IP,
@@ -470,6 +492,7 @@ impl Drop for Cluster {
         self.stop_runtime();
         unmount_under(self.dir.path());
         self.network.remove();
+        remove_cgroups(CGROUP_ROOT);
     }
 }
 
@@ -478,8 +501,45 @@ struct Network {
     removed: bool,
 }
 
-const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
-const IP_FORWARD_SAVED: &str = "/run/wgtwo-testenv-ip_forward";
+/// The host settings the node changes: kubelet's CNI bridge turns forwarding on, and kubelet sets
+/// its kernel tunables (overcommit, panic on oops, key quotas) unless they already match. What the
+/// host had is saved here and put back when the node goes (or by the next run, if one was killed).
+const SYSCTLS: [&str; 7] = [
+    "net/ipv4/ip_forward",
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+];
+const SYSCTLS_SAVED: &str = "/run/wgtwo-testenv-sysctls";
+
+/// Puts back the host settings saved by [`save_sysctls`], if they were saved.
+fn restore_sysctls() {
+    let Ok(saved) = std::fs::read_to_string(SYSCTLS_SAVED) else { return };
+    for line in saved.lines() {
+        if let Some((name, value)) = line.split_once(' ')
+            && SYSCTLS.contains(&name)
+        {
+            let _ = std::fs::write(Path::new("/proc/sys").join(name), value);
+        }
+    }
+    let _ = std::fs::remove_file(SYSCTLS_SAVED);
+}
+
+fn save_sysctls() -> std::io::Result<()> {
+    let mut saved = String::new();
+    for name in SYSCTLS {
+        if let Ok(value) = std::fs::read_to_string(Path::new("/proc/sys").join(name)) {
+            saved.push_str(&format!("{name} {}\n", value.trim()));
+        }
+    }
+    // Whole or not at all: a run killed mid-write must not leave half the host's settings.
+    let partial = format!("{SYSCTLS_SAVED}.partial");
+    std::fs::write(&partial, saved)?;
+    std::fs::rename(partial, SYSCTLS_SAVED)
+}
 
 /// Forwarded traffic from pods may only go to pods; anything else (DNS, the internet) is dropped,
 /// so no test traffic leaves the machine.
@@ -501,9 +561,9 @@ impl Network {
                 routes.trim()
             );
         }
-        // kubelet's CNI bridge turns forwarding on; put back what the host had.
-        let ip_forward = std::fs::read_to_string(IP_FORWARD).unwrap_or_default();
-        std::fs::write(IP_FORWARD_SAVED, &ip_forward)?;
+        // A killed run's node left its settings: the host's own are in the file it saved.
+        restore_sysctls();
+        save_sysctls()?;
         run("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
         run("ip", &["addr", "add", &format!("{HOST_IP}/24"), "dev", BRIDGE])?;
         run("ip", &["link", "set", BRIDGE, "up"])?;
@@ -511,7 +571,6 @@ impl Network {
         // rules exist) a packet must not go to the default route.
         run("ip", &["route", "add", "unreachable", SERVICE_CIDR])?;
         run("iptables", &[&["-w", "-I"][..], &FORWARD_RULE[..]].concat())?;
-        remove_pod_netns();
         Ok(Self { removed: false })
     }
 
@@ -528,19 +587,13 @@ impl Network {
         }
         let _ = run("iptables", &[&["-w", "-D"][..], &FORWARD_RULE[..]].concat());
         let _ = run("ip", &["route", "del", "unreachable", SERVICE_CIDR]);
-        if let Ok(saved) = std::fs::read_to_string(IP_FORWARD_SAVED)
-            && !saved.trim().is_empty()
-        {
-            let _ = std::fs::write(IP_FORWARD, saved);
-            let _ = std::fs::remove_file(IP_FORWARD_SAVED);
-        }
+        restore_sysctls();
         let _ = run("ip", &["link", "del", BRIDGE]);
         // kubelet's canary chains (kube-proxy --cleanup leaves them).
         for table in ["filter", "nat", "mangle"] {
             let _ = run("iptables", &["-w", "-t", table, "-F", "KUBE-KUBELET-CANARY"]);
             let _ = run("iptables", &["-w", "-t", table, "-X", "KUBE-KUBELET-CANARY"]);
         }
-        remove_pod_netns();
     }
 }
 
@@ -591,23 +644,6 @@ where
     Ok(())
 }
 
-/// Network namespaces the runtime made for pods and did not remove (containerd names them
-/// `cni-*`; one node at a time runs here, so all of them are this node's or a killed run's).
-fn remove_pod_netns() {
-    for ns in netns_list() {
-        let c = std::ffi::CString::new(ns.as_os_str().as_encoded_bytes()).expect("path");
-        // SAFETY: umount2 on a path the runtime created for our pods.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_file(&ns);
-    }
-}
-
-fn netns_list() -> Vec<PathBuf> {
-    std::fs::read_dir("/var/run/netns")
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.to_string_lossy().contains("cni-")).collect())
-        .unwrap_or_default()
-}
-
 fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(program).args(args).output().with_context(|| format!("run {program}"))?;
     anyhow::ensure!(
@@ -651,6 +687,34 @@ fn kill_cgroup_processes(name: &str) {
         }
     }
     walk(&Path::new("/sys/fs/cgroup/pids").join(name));
+}
+
+/// Removes the cgroup subtree `name` from every hierarchy, deepest first (its processes are gone;
+/// a cgroup directory is removed with rmdir, its files with it). cgroup v1 only, one hierarchy per
+/// controller under /sys/fs/cgroup: the node is started on v1 (`failCgroupV1: false`).
+fn remove_cgroups(name: &str) {
+    fn walk(dir: &Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&entry.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    // Killed processes leave their cgroups a moment after the signal.
+    for _ in 0..50 {
+        if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+            for hierarchy in hierarchies.flatten() {
+                walk(&hierarchy.path().join(name));
+            }
+        }
+        if !Path::new("/sys/fs/cgroup/pids").join(name).exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Detaches every mount below `dir` (kubelet's volumes, containerd's rootfs and shm mounts),

@@ -48,9 +48,40 @@ pub fn sha256_hex(token: &str) -> String {
     sha2::Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, for a server that a test starts next.
+///
+/// Picked below the kernel's ephemeral range: a port taken from that range (bind to port 0) can be
+/// given to any outgoing connection (the apiserver's to etcd, a test's client) before the server
+/// binds it, and Hydra then exits at start. Below 30000 also keeps clear of NodePorts; at or above
+/// 15000 clears the kubelet's and the control plane's fixed ports. Never handed out twice by this
+/// process, so concurrent tests in one binary cannot pick the same port either.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind loopback").port()
+    use rand::Rng;
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (15000, ephemeral_low.min(30000));
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    if high > low {
+        let mut rng = rand::rng();
+        for _ in 0..1000 {
+            let port = rng.random_range(low..high);
+            if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
+    // An ephemeral range that starts too low to stay below it: the racy way, still unique here.
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind loopback").port();
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A temp dir that is kept (and printed) instead of removed when `WGTWO_TESTENV_KEEP` is set,

@@ -42,15 +42,20 @@ pub struct Presentation {
 /// token presented again after Hydra answered an error (nothing was rotated: a 5xx, a 429, an
 /// `invalid_client` fixed since) is a legitimate retry.
 pub fn reuses(presented: &[Presentation]) -> Vec<String> {
+    reuse_pairs(presented).into_iter().map(|(_, _, why)| why).collect()
+}
+
+/// [`reuses`] with the indexes of the earlier and the later presentation of each.
+pub fn reuse_pairs(presented: &[Presentation]) -> Vec<(usize, usize, String)> {
     let mut found = Vec::new();
     for (j, later) in presented.iter().enumerate() {
-        for earlier in presented[..j].iter().filter(|e| e.digest == later.digest) {
+        for (i, earlier) in presented[..j].iter().enumerate().filter(|(_, e)| e.digest == later.digest) {
             let why = match earlier.answered {
                 Some((at, status)) if at <= later.arrived && !(200..300).contains(&status) => continue,
                 Some((at, status)) if at <= later.arrived => format!("after Hydra accepted it ({status})"),
                 _ => "while an earlier presentation was in flight".to_owned(),
             };
-            found.push(format!("refresh token sha256:{} presented again {why}", &later.digest[..12]));
+            found.push((i, j, format!("refresh token sha256:{} presented again {why}", &later.digest[..12])));
         }
     }
     found
