@@ -631,8 +631,6 @@ fn persisted_grants(log: &str) -> std::collections::BTreeSet<String> {
 struct Kill {
     sent: Instant,
     done: Instant,
-    /// Sent the moment an answer was journaled: every answer received before it is on file.
-    journaled: bool,
 }
 
 /// Refresh tokens presented twice other than by a kill. A restarted operator presents again the
@@ -640,18 +638,19 @@ struct Kill {
 /// whether the request arrived), so a reuse is a kill's only if the earlier presentation reached
 /// the token endpoint before the kill took effect (the proxy stamps it once the body is read: up
 /// to 200 ms late on a busy node), the later one came after the kill, and the earlier one's
-/// answer came too late to be journaled: after the kill was sent, or for a random kill less than
-/// 250 ms before it (the operator journals within milliseconds of an answer; a busy node adds the
-/// rest). At a journaled kill every earlier answer is on file, so a reuse there is a failed replay.
+/// answer came too late to be journaled: after the kill was sent, or less than 250 ms before it
+/// (the proxy stamps an answer at Hydra's headers; the operator journals it within milliseconds
+/// of reading it; a busy node adds the rest). The same holds at a journaled kill: another grant's
+/// answer may be on its way back. A replay that failed shows otherwise: its grant is lost with no
+/// request in flight, and no run logs the replay.
 fn reuses_not_from_a_kill(presented: &[wgtwo_testenv::recording_proxy::Presentation], kills: &[Kill]) -> Vec<String> {
     wgtwo_testenv::recording_proxy::reuse_pairs(presented)
         .into_iter()
         .filter(|(i, j, _)| {
             let (earlier, later) = (&presented[*i], &presented[*j]);
             !kills.iter().any(|k| {
-                let journal_window = if k.journaled { Duration::ZERO } else { Duration::from_millis(250) };
                 earlier.arrived <= k.done + Duration::from_millis(200)
-                    && earlier.answered.is_none_or(|(at, _)| at + journal_window >= k.sent)
+                    && earlier.answered.is_none_or(|(at, _)| at + Duration::from_millis(250) >= k.sent)
                     && later.arrived >= k.sent
             })
         })
@@ -729,7 +728,7 @@ fn kill_when_journaled(
                 libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0)
             };
             assert_eq!(result, 0, "pidfd_send_signal: {}", std::io::Error::last_os_error());
-            return JournaledKill::Killed(Kill { sent, done: Instant::now(), journaled: true });
+            return JournaledKill::Killed(Kill { sent, done: Instant::now() });
         }
         std::thread::sleep(Duration::from_micros(200));
     }
@@ -762,7 +761,7 @@ async fn sigkilled_operator_containers_restart_in_their_pod_and_replay_the_journ
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let sent = Instant::now();
         cluster.kill_container(&container, "SIGKILL").unwrap();
-        kills.push(Kill { sent, done: Instant::now(), journaled: false });
+        kills.push(Kill { sent, done: Instant::now() });
     }
     // Kills the moment an answer is journaled and not yet in its state Secret: the container that
     // kubelet starts next in the pod finds the entry on the emptyDir and writes it. A kill can
@@ -941,7 +940,7 @@ fn assert_released(step: &str, samples: &[LeaseSample], since: Instant, old: &st
             handover - released
         ),
         None => {
-            assert!(handover < 20.0, "{step}: the Lease moved after {handover:.1} s with no release seen: it expired")
+            assert!(handover < 27.0, "{step}: the Lease moved after {handover:.1} s with no release seen: it expired")
         }
     }
 }

@@ -146,18 +146,15 @@ impl Env {
         let options = HydraOptions { recording_proxy: true, public_ip: wgtwo_testenv::cluster::HOST_IP, ..options };
         let images = [image.as_path()];
         let started = Instant::now();
-        let (cluster, hydra) = tokio::join!(
-            async {
-                let cluster = wgtwo_testenv::Cluster::start(&images).await;
-                println!(
-                    "cluster: the node Ready and the kubernetes Service routed in {:.1}s",
-                    started.elapsed().as_secs_f64()
-                );
-                cluster
-            },
-            Hydra::start(options)
+        let cluster = wgtwo_testenv::Cluster::start(&images).await;
+        println!(
+            "cluster: the node Ready and the kubernetes Service routed in {:.1}s (with any wait for another test's node)",
+            started.elapsed().as_secs_f64()
         );
         let (cluster, cp) = cluster.unwrap();
+        // Only now: Hydra listens on the node's bridge address, which exists only while this node
+        // does (another test's node may hold the lock until then, and removes its bridge on drop).
+        let hydra = Hydra::start(options).await;
         // On a failure here the node goes before its control plane (its drain needs the apiserver).
         let ready = match hydra {
             Ok(hydra) => cp.create_namespace(NS).await.map(|_| hydra).map_err(|e| e.to_string()),
