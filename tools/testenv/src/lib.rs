@@ -52,7 +52,7 @@ pub fn sha256_hex(token: &str) -> String {
 ///
 /// Picked below the kernel's ephemeral range: a port taken from that range (bind to port 0) can be
 /// given to any outgoing connection (the apiserver's to etcd, a test's client) before the server
-/// binds it, and Hydra then exits at start. Below 30000 also keeps clear of NodePorts; at or above
+/// binds it, which then fails to start (the likely cause of a Hydra that exited at start in CI). Below 30000 also keeps clear of NodePorts; at or above
 /// 15000 clears the kubelet's and the control plane's fixed ports. Never handed out twice by this
 /// process, so concurrent tests in one binary cannot pick the same port either.
 pub fn free_port() -> u16 {
