@@ -475,14 +475,17 @@ async fn single_operator(env: &Env) -> Option<(String, String, i32)> {
     Some((pod.metadata.name.clone()?, status.container_id.clone()?, status.restart_count))
 }
 
-/// Waits for the only operator pod's container that follows `restarts` restarts to run: its id.
-async fn running_after(env: &Env, restarts: usize) -> String {
+/// Waits for the container of the only operator pod, `pod`, that follows `restarts` restarts to
+/// run: its id. Kubelet restarts a killed container in the same pod.
+async fn running_after(env: &Env, pod: &str, restarts: usize) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match single_operator(env).await {
-            Some((_, container, r)) if r as usize == restarts => return container,
-            Some((_, _, r)) => assert!((r as usize) < restarts, "restarted without a kill ({r} > {restarts})"),
-            None => {}
+        if let Some((name, container, r)) = single_operator(env).await {
+            assert_eq!(name, pod, "restarted in the same pod");
+            assert!(r as usize <= restarts, "restarted without a kill ({r} > {restarts})");
+            if r as usize == restarts {
+                return container;
+            }
         }
         assert!(Instant::now() < deadline, "no operator container running after {restarts} restarts");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -750,13 +753,13 @@ async fn sigkilled_operator_containers_restart_in_their_pod_and_replay_the_journ
     }
     let cluster = env.cluster.as_ref().unwrap();
     let pod = operator_pods(&env).await.pop().unwrap();
-    let pod_uid = pod.metadata.uid.clone().unwrap();
+    let (pod_name, pod_uid) = (pod.metadata.name.as_deref().unwrap(), pod.metadata.uid.as_deref().unwrap());
     let logs = EndedWatch::start(&env, &pod);
     let started = Instant::now();
     let mut kills = Vec::new();
     // Kills at random moments, as the OOM killer or a crash would: SIGKILL through the runtime.
     for kill in 1..=kills_wanted {
-        let container = running_after(&env, kill - 1).await;
+        let container = running_after(&env, pod_name, kill - 1).await;
         let pause = rand::Rng::random_range(&mut rand::rng(), 500..3000);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let sent = Instant::now();
@@ -766,12 +769,12 @@ async fn sigkilled_operator_containers_restart_in_their_pod_and_replay_the_journ
     // Kills the moment an answer is journaled and not yet in its state Secret: the container that
     // kubelet starts next in the pod finds the entry on the emptyDir and writes it. A kill can
     // miss (the state write done between the look and the kill): the next run then has no entry.
-    let journal = cluster.empty_dir(&pod_uid, "journal").join("wgtwo-journal-v1");
+    let journal = cluster.empty_dir(pod_uid, "journal").join("wgtwo-journal-v1");
     let proxy = env.hydra.recording_proxy();
     let mut journaled_kills = 0;
     let mut replayed_grant = None;
     while journaled_kills < 10 && replayed_grant.is_none() {
-        let container = running_after(&env, kills.len()).await;
+        let container = running_after(&env, pod_name, kills.len()).await;
         let pidfd = container_pidfd(cluster, &container);
         let killed = tokio::task::block_in_place(|| {
             kill_when_journaled(&journal, &pidfd, &|| proxy.token_requests_in_flight(), Duration::from_secs(30))
@@ -785,7 +788,7 @@ async fn sigkilled_operator_containers_restart_in_their_pod_and_replay_the_journ
         };
         kills.push(kill);
         journaled_kills += 1;
-        running_after(&env, kills.len()).await;
+        running_after(&env, pod_name, kills.len()).await;
         // The new run decides on the entry before it refreshes anything.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -802,10 +805,10 @@ async fn sigkilled_operator_containers_restart_in_their_pod_and_replay_the_journ
         }
     }
     // The last run: every grant that was not lost to a request in flight refreshes again.
-    running_after(&env, kills.len()).await;
+    running_after(&env, pod_name, kills.len()).await;
     tokio::time::sleep(Duration::from_secs(15)).await;
     // No restart but the kills.
-    running_after(&env, kills.len()).await;
+    running_after(&env, pod_name, kills.len()).await;
     let ended = logs.finish(kills.len());
     let mut lost = Vec::new();
     for name in &names {
@@ -1024,18 +1027,15 @@ async fn a_rolling_update_and_a_drain_through_the_eviction_api_hand_over_without
     println!("rolling update: the Lease moved at {moves:?} (s after helm upgrade began, new holder)");
     let old = leader.rsplit_once('_').unwrap().0.to_owned();
     // Measured from the moment the Deployment controller deleted the old leader's pod.
-    let (handover, handed_over_at) = {
+    let handed_over_at = {
         let samples = samples.lock().unwrap();
         let going = going_since(&samples, &old).expect("the old leader's pod was deleted");
-        handover_after(&samples, going, &old).expect("the Lease moved from the old leader")
-    };
-    println!("rolling update: the Lease moved {handover:.1}s after the old leader's pod was deleted");
-    assert!(handover <= bound.as_secs_f64(), "the handover took {handover:.1}s (bound {bound:?})");
-    {
-        let samples = samples.lock().unwrap();
-        let going = going_since(&samples, &old).unwrap();
+        let (handover, at) = handover_after(&samples, going, &old).expect("the Lease moved from the old leader");
+        println!("rolling update: the Lease moved {handover:.1}s after the old leader's pod was deleted");
+        assert!(handover <= bound.as_secs_f64(), "the handover took {handover:.1}s (bound {bound:?})");
         assert_released("rolling update", &samples, going, &old, handover);
-    }
+        at
+    };
     // The new leader refreshes every grant (tokens live 6 s, so each is due within seconds).
     wait_all_refreshed_after(&env, &names, handed_over_at, bound + Duration::from_secs(10)).await;
 
@@ -1176,7 +1176,7 @@ struct AtNewLimit {
 
 impl AtNewLimit {
     /// Whether the pod's operator container runs with `limit` as its actual memory limit.
-    fn running_at_limit(&self, pod: &Pod, limit: &str) -> bool {
+    fn running_at_limit(pod: &Pod, limit: &str) -> bool {
         let Some(status) = container_status(pod, "operator") else { return false };
         let running = status.state.as_ref().is_some_and(|s| s.running.is_some());
         let actual = status.resources.as_ref().and_then(|r| r.limits.as_ref()).and_then(|l| l.get("memory"));
@@ -1199,7 +1199,7 @@ impl AtNewLimit {
                 finished.0.duration_since(since)
             );
         }
-        if self.running_at_limit(pod, limit)
+        if Self::running_at_limit(pod, limit)
             && let Some(id) = status.container_id.clone()
         {
             self.containers.insert(id);
@@ -1285,7 +1285,7 @@ async fn an_operator_outgrowing_its_memory_limit_is_oom_killed_and_then_holds_al
         at_limit.look(&pod, &limit);
         let status = container_status(&pod, "operator");
         let container = status.and_then(|c| c.container_id.clone()).unwrap_or_default();
-        if at_limit.running_at_limit(&pod, &limit) {
+        if AtNewLimit::running_at_limit(&pod, &limit) {
             match &stable {
                 Some((id, restarts, since)) if *id == container => {
                     if since.elapsed() >= Duration::from_secs(2) {
