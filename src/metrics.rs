@@ -1,16 +1,15 @@
-//! Prometheus metrics. Per-grant gauges come from each grant's status as cached by the watch, so
-//! every replica (leader or standby) exports the same values, a restart loses nothing, and the
-//! series of a deleted grant disappear with it. Counters and the histogram count what this
-//! replica did.
+//! Prometheus metrics. The per-grant series (readiness, expiry, refresh counts) are encoded at
+//! scrape time from the grant cache and the controller's memory ([`GrantSeries`]), a chunk of
+//! grants at a time: no metric object is kept per grant, and a scrape never holds every series at
+//! once. Readiness and expiry come from each grant's status as the watch caches it, so every
+//! replica (leader or standby) exports the same values, a restart loses nothing, and a deleted
+//! grant's series go with it. Counters and the histogram count what this replica did.
 
-use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::sync::{Arc, RwLock, Weak};
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
-
-use crate::api::WgtwoGrant;
-use crate::controller::status;
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// `result` label values of `wgtwo_grant_refresh_total`.
 pub mod result {
@@ -19,7 +18,63 @@ pub mod result {
     pub const RETRYABLE_ERROR: &str = "retryable_error";
     /// Refused for good (invalid_grant, invalid_client, ...): needs a person.
     pub const REJECTED: &str = "rejected";
+    /// In the order of [`super::GrantSample::refreshes`].
+    pub const ALL: [&str; 3] = [SUCCESS, RETRYABLE_ERROR, REJECTED];
+
+    /// The index of `result` in [`ALL`].
+    pub fn index(result: &str) -> usize {
+        ALL.iter().position(|r| *r == result).expect("a known result")
+    }
 }
+
+/// One grant's per-grant series, as a scrape encodes them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GrantSample<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    /// The Ready condition is True.
+    pub ready: bool,
+    /// When the published access token expires (Unix seconds), if one is.
+    pub expires_at: Option<i64>,
+    /// Token requests (or shared product answers) this process counted, by [`result::ALL`].
+    pub refreshes: [u32; 3],
+}
+
+/// Where a scrape reads the per-grant series (the controller: its grant cache and memory).
+pub trait GrantSeries: Send + Sync {
+    /// The grants now, in a fixed order, for one scrape.
+    fn snapshot(&self) -> Box<dyn GrantSnapshot>;
+}
+
+/// The grants of one scrape.
+pub trait GrantSnapshot: Send + Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Calls `each` with the samples of the grants at `range` (a chunk: the source may hold a
+    /// lock meanwhile).
+    fn visit(&self, range: Range<usize>, each: &mut dyn FnMut(GrantSample<'_>));
+}
+
+/// Grants encoded per chunk of a scrape: small enough to keep a scrape's transient memory to a few
+/// hundred KiB, large enough that a lock per chunk costs nothing.
+const CHUNK: usize = 1000;
+
+/// The per-grant families: (name, help, type).
+const GRANT_FAMILIES: [(&str, &str, &str); 3] = [
+    (
+        "wgtwo_grant_access_token_expiration_timestamp_seconds",
+        "When the access token published for the grant expires (Unix time).",
+        "gauge",
+    ),
+    ("wgtwo_grant_ready", "1 when the grant's Ready condition is True, else 0.", "gauge"),
+    (
+        "wgtwo_grant_refresh_total",
+        "Attempts to renew a grant's token, by grant and result: a token request for a subscriber's grant; for a product grant also a token (or a failure) shared from another grant's request.",
+        "counter",
+    ),
+];
 
 /// `source` label values of `wgtwo_operator_tokens_published_total`.
 pub mod source {
@@ -32,12 +87,11 @@ pub mod source {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    refresh_total: IntCounterVec,
+    /// Set by the controller once it runs; weak, as the controller's memory holds these metrics.
+    grant_series: Arc<RwLock<Option<Weak<dyn GrantSeries>>>>,
     refresh_duration: HistogramVec,
     token_requests: IntCounterVec,
     tokens_published: IntCounterVec,
-    expiration: IntGaugeVec,
-    ready: IntGaugeVec,
     reconcile_errors: IntCounterVec,
     leader: IntGauge,
     unpersisted: IntGauge,
@@ -58,14 +112,6 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let refresh_total = IntCounterVec::new(
-            Opts::new(
-                "wgtwo_grant_refresh_total",
-                "Attempts to renew a grant's token, by grant and result: a token request for a subscriber's grant; for a product grant also a token (or a failure) shared from another grant's request.",
-            ),
-            &["namespace", "name", "result"],
-        )
-        .unwrap();
         let refresh_duration = HistogramVec::new(
             HistogramOpts::new(
                 "wgtwo_grant_refresh_duration_seconds",
@@ -89,19 +135,6 @@ impl Metrics {
                 "New access tokens written to target Secrets, by grant type and source (requested: from this grant's own request; shared: a product token another grant requested).",
             ),
             &["grant_type", "source"],
-        )
-        .unwrap();
-        let expiration = IntGaugeVec::new(
-            Opts::new(
-                "wgtwo_grant_access_token_expiration_timestamp_seconds",
-                "When the access token published for the grant expires (Unix time).",
-            ),
-            &["namespace", "name"],
-        )
-        .unwrap();
-        let ready = IntGaugeVec::new(
-            Opts::new("wgtwo_grant_ready", "1 when the grant's Ready condition is True, else 0."),
-            &["namespace", "name"],
         )
         .unwrap();
         let reconcile_errors = IntCounterVec::new(
@@ -149,12 +182,9 @@ impl Metrics {
         )
         .unwrap();
         for c in [
-            Box::new(refresh_total.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(refresh_duration.clone()),
+            Box::new(refresh_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(token_requests.clone()),
             Box::new(tokens_published.clone()),
-            Box::new(expiration.clone()),
-            Box::new(ready.clone()),
             Box::new(reconcile_errors.clone()),
             Box::new(leader.clone()),
             Box::new(unpersisted.clone()),
@@ -175,12 +205,10 @@ impl Metrics {
             .expect("metric names are unique");
         Self {
             registry,
-            refresh_total,
+            grant_series: Default::default(),
             refresh_duration,
             token_requests,
             tokens_published,
-            expiration,
-            ready,
             reconcile_errors,
             leader,
             unpersisted,
@@ -203,9 +231,9 @@ impl Metrics {
         self.journal_replayed.with_label_values(&[result]).inc();
     }
 
-    /// How an attempt to renew a grant's token ended.
-    pub fn grant_refresh(&self, namespace: &str, name: &str, result: &str) {
-        self.refresh_total.with_label_values(&[namespace, name, result]).inc();
+    /// Where the per-grant series come from from now on.
+    pub fn set_grant_series(&self, series: Weak<dyn GrantSeries>) {
+        *self.grant_series.write().unwrap() = Some(series);
     }
 
     /// One token request sent to the identity service and how it ended.
@@ -241,126 +269,198 @@ impl Metrics {
         }
     }
 
-    /// Updates the grant's gauges from its status.
-    pub fn observe_grant(&self, grant: &WgtwoGrant) {
-        let (Some(ns), Some(name)) = (grant.metadata.namespace.as_deref(), grant.metadata.name.as_deref()) else {
-            return;
+    /// The text exposition format, whole (see [`Self::encode_chunks`]).
+    pub fn encode(&self) -> String {
+        self.encode_chunks().collect()
+    }
+
+    /// The text exposition format in chunks: the registry's families, then the per-grant families
+    /// encoded from one snapshot of the grants, [`CHUNK`] grants at a time, as the iterator is read.
+    pub fn encode_chunks(&self) -> impl Iterator<Item = String> + Send + 'static {
+        let mut head = Vec::new();
+        prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut head).expect("encoding to memory");
+        let head = String::from_utf8(head).expect("the text format is UTF-8");
+        let series = self.grant_series.read().unwrap().as_ref().and_then(Weak::upgrade);
+        let snapshot: Arc<dyn GrantSnapshot> = match series {
+            Some(series) => Arc::from(series.snapshot()),
+            None => Arc::new(NoGrants),
         };
-        let status = grant.status.as_ref();
-        let ready = status::previous_ready(status).is_some_and(|c| c.status == "True");
-        self.ready.with_label_values(&[ns, name]).set(ready as i64);
-        match status.and_then(|s| s.expires_at.as_ref()) {
-            Some(t) => self.expiration.with_label_values(&[ns, name]).set(t.0.as_second()),
-            None => {
-                let _ = self.expiration.remove_label_values(&[ns, name]);
+        let chunks = snapshot.len().div_ceil(CHUNK);
+        let grants = (0..GRANT_FAMILIES.len()).flat_map(move |family| {
+            let snapshot = snapshot.clone();
+            (0..chunks).map(move |chunk| {
+                let range = chunk * CHUNK..((chunk + 1) * CHUNK).min(snapshot.len());
+                let mut out = String::with_capacity(range.len() * 96);
+                if chunk == 0 {
+                    family_header(&mut out, family);
+                }
+                snapshot.visit(range, &mut |sample| encode_sample(&mut out, family, &sample));
+                out
+            })
+        });
+        std::iter::once(head).chain(grants)
+    }
+}
+
+struct NoGrants;
+
+impl GrantSnapshot for NoGrants {
+    fn len(&self) -> usize {
+        0
+    }
+    fn visit(&self, _: Range<usize>, _: &mut dyn FnMut(GrantSample<'_>)) {}
+}
+
+/// `# HELP` and `# TYPE` of a per-grant family. The families are written here rather than through
+/// the `prometheus` crate, whose collectors build every series of a family in memory per scrape.
+fn family_header(out: &mut String, family: usize) {
+    let (name, help, kind) = GRANT_FAMILIES[family];
+    let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// One grant's lines of a family, with labels in the order the `prometheus` crate writes them.
+fn encode_sample(out: &mut String, family: usize, sample: &GrantSample<'_>) {
+    let (name, _, _) = GRANT_FAMILIES[family];
+    let labels = |out: &mut String| {
+        out.push_str(name);
+        out.push_str("{name=\"");
+        label_value(out, sample.name);
+        out.push_str("\",namespace=\"");
+        label_value(out, sample.namespace);
+        out.push('"');
+    };
+    match family {
+        0 => {
+            if let Some(at) = sample.expires_at {
+                labels(out);
+                let _ = writeln!(out, "}} {at}");
             }
         }
-    }
-
-    /// Removes every series of a deleted grant.
-    pub fn forget_grant(&self, namespace: &str, name: &str) {
-        let _ = self.ready.remove_label_values(&[namespace, name]);
-        let _ = self.expiration.remove_label_values(&[namespace, name]);
-        for result in [result::SUCCESS, result::RETRYABLE_ERROR, result::REJECTED] {
-            let _ = self.refresh_total.remove_label_values(&[namespace, name, result]);
+        1 => {
+            labels(out);
+            let _ = writeln!(out, "}} {}", sample.ready as u8);
         }
-    }
-
-    /// Keeps only the series of these grants (after a relist, which may hide deletions).
-    pub fn retain_grants(&self, alive: &HashSet<(String, String)>) {
-        use prometheus::core::Collector;
-        let mut gone = HashSet::new();
-        // Only the per-grant families: gathering the registry would also read /proc.
-        let families = [self.refresh_total.collect(), self.expiration.collect(), self.ready.collect()].concat();
-        for family in families {
-            for metric in family.get_metric() {
-                let label = |n: &str| metric.get_label().iter().find(|l| l.name() == n).map(|l| l.value().to_owned());
-                if let (Some(ns), Some(name)) = (label("namespace"), label("name")) {
-                    let key = (ns, name);
-                    if !alive.contains(&key) {
-                        gone.insert(key);
-                    }
+        _ => {
+            for (result, count) in result::ALL.iter().zip(sample.refreshes) {
+                if count > 0 {
+                    labels(out);
+                    let _ = writeln!(out, ",result=\"{result}\"}} {count}");
                 }
             }
         }
-        for (ns, name) in gone {
-            self.forget_grant(&ns, &name);
-        }
     }
+}
 
-    /// The text exposition format.
-    pub fn encode(&self) -> String {
-        let mut buf = Vec::new();
-        prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding to memory");
-        String::from_utf8(buf).expect("the text format is UTF-8")
+/// A label value as the text format escapes it.
+fn label_value(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::WgtwoGrantStatus;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use std::sync::Mutex;
 
-    fn grant(ns: &str, name: &str, ready: &str, expires: Option<i64>) -> WgtwoGrant {
-        let mut g: WgtwoGrant = serde_json::from_value(serde_json::json!({
-            "apiVersion": "auth.wgtwo.com/v1alpha1", "kind": "WgtwoGrant",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": {"clientSecretRef": {"name": "c"}, "refreshTokenSecretRef": {"name": "r", "key": "k"},
-                     "target": {"secretName": "t"}}
-        }))
-        .unwrap();
-        g.status = Some(WgtwoGrantStatus {
-            conditions: vec![Condition {
-                type_: "Ready".into(),
-                status: ready.into(),
-                reason: "Refreshed".into(),
-                message: String::new(),
-                last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
-                observed_generation: None,
-            }],
-            expires_at: expires.map(|s| Time(jiff::Timestamp::from_second(s).unwrap())),
-            ..Default::default()
-        });
-        g
+    /// Owned samples, as a source would read them.
+    #[derive(Clone)]
+    struct Owned(String, String, bool, Option<i64>, [u32; 3]);
+
+    struct Source(Mutex<Vec<Owned>>);
+
+    struct Snapshot(Vec<Owned>);
+
+    impl GrantSeries for Source {
+        fn snapshot(&self) -> Box<dyn GrantSnapshot> {
+            Box::new(Snapshot(self.0.lock().unwrap().clone()))
+        }
+    }
+
+    impl GrantSnapshot for Snapshot {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn visit(&self, range: Range<usize>, each: &mut dyn FnMut(GrantSample<'_>)) {
+            for Owned(namespace, name, ready, expires_at, refreshes) in &self.0[range] {
+                each(GrantSample { namespace, name, ready: *ready, expires_at: *expires_at, refreshes: *refreshes });
+            }
+        }
+    }
+
+    fn owned(ns: &str, name: &str, ready: bool, expires: Option<i64>, refreshes: [u32; 3]) -> Owned {
+        Owned(ns.into(), name.into(), ready, expires, refreshes)
+    }
+
+    fn with_source(grants: Vec<Owned>) -> (Metrics, Arc<Source>) {
+        let m = Metrics::new();
+        let source = Arc::new(Source(Mutex::new(grants)));
+        let weak: Weak<dyn GrantSeries> = Arc::downgrade(&(source.clone() as Arc<dyn GrantSeries>));
+        m.set_grant_series(weak);
+        (m, source)
     }
 
     #[test]
-    fn grant_gauges_follow_the_status_and_vanish_with_the_grant() {
-        let m = Metrics::new();
-        m.observe_grant(&grant("a", "g1", "True", Some(1_900_000_000)));
-        m.observe_grant(&grant("a", "g2", "False", None));
-        m.grant_refresh("a", "g1", result::SUCCESS);
+    fn grant_series_are_read_from_the_source_at_scrape_time_and_vanish_with_the_grant() {
+        let (m, source) = with_source(vec![
+            owned("a", "g1", true, Some(1_900_000_000), [2, 1, 0]),
+            owned("a", "g2", false, None, [0, 0, 0]),
+        ]);
         m.token_request("refresh_token", result::SUCCESS, 0.2);
         let text = m.encode();
-        assert!(text.contains(r#"wgtwo_grant_ready{name="g1",namespace="a"} 1"#), "{text}");
-        assert!(text.contains(r#"wgtwo_grant_ready{name="g2",namespace="a"} 0"#), "{text}");
+        assert!(text.contains("wgtwo_grant_ready{name=\"g1\",namespace=\"a\"} 1\n"), "{text}");
+        assert!(text.contains("wgtwo_grant_ready{name=\"g2\",namespace=\"a\"} 0\n"), "{text}");
         assert!(
             text.contains(
-                r#"wgtwo_grant_access_token_expiration_timestamp_seconds{name="g1",namespace="a"} 1900000000"#
+                "wgtwo_grant_access_token_expiration_timestamp_seconds{name=\"g1\",namespace=\"a\"} 1900000000\n"
             ),
             "{text}"
         );
-        assert!(!text.contains(r#"expiration_timestamp_seconds{name="g2""#), "no token, no series: {text}");
-        assert!(text.contains(r#"wgtwo_grant_refresh_total{name="g1",namespace="a",result="success"} 1"#));
+        assert!(!text.contains("expiration_timestamp_seconds{name=\"g2\""), "no token, no series: {text}");
+        assert!(text.contains("wgtwo_grant_refresh_total{name=\"g1\",namespace=\"a\",result=\"success\"} 2\n"));
+        assert!(text.contains("wgtwo_grant_refresh_total{name=\"g1\",namespace=\"a\",result=\"retryable_error\"} 1\n"));
+        assert!(!text.contains("result=\"rejected\""), "a result never counted has no series: {text}");
+        assert!(!text.contains("wgtwo_grant_refresh_total{name=\"g2\""), "{text}");
+        assert!(text.contains("# TYPE wgtwo_grant_refresh_total counter\n"), "{text}");
+        assert!(text.contains("# TYPE wgtwo_grant_ready gauge\n"), "{text}");
 
-        m.forget_grant("a", "g1");
+        source.0.lock().unwrap().remove(0);
         let text = m.encode();
-        assert!(!text.contains(r#"name="g1""#), "deleted grant's series remain: {text}");
-        assert!(text.contains(r#"name="g2""#));
+        assert!(!text.contains("name=\"g1\""), "deleted grant's series remain: {text}");
+        assert!(text.contains("name=\"g2\""));
         // The histogram and the request counter have no per-grant labels, so they keep counting.
         assert!(text.contains("wgtwo_grant_refresh_duration_seconds_count{result=\"success\"} 1"), "{text}");
         assert!(text.contains(r#"wgtwo_operator_token_requests_total{grant_type="refresh_token",result="success"} 1"#));
+
+        drop(source);
+        assert!(!m.encode().contains("wgtwo_grant_ready"), "a stopped controller's grants are not reported");
     }
 
     #[test]
-    fn a_relist_prunes_the_series_of_grants_deleted_meanwhile() {
-        let m = Metrics::new();
-        m.observe_grant(&grant("a", "gone", "True", Some(1)));
-        m.observe_grant(&grant("a", "kept", "True", Some(1)));
-        m.retain_grants(&HashSet::from([("a".to_owned(), "kept".to_owned())]));
+    fn each_family_is_one_block_with_one_header_however_many_chunks_it_takes() {
+        let grants: Vec<Owned> =
+            (0..2 * CHUNK + 7).map(|i| owned("ns", &format!("g{i}"), true, Some(i as i64), [1, 0, 0])).collect();
+        let (m, _source) = with_source(grants);
         let text = m.encode();
-        assert!(!text.contains(r#"name="gone""#), "{text}");
-        assert!(text.contains(r#"name="kept""#), "{text}");
+        for (name, _, _) in GRANT_FAMILIES {
+            assert_eq!(text.matches(&format!("# TYPE {name} ")).count(), 1, "{name}");
+            let lines: Vec<usize> =
+                text.lines().enumerate().filter(|(_, l)| l.starts_with(&format!("{name}{{"))).map(|(i, _)| i).collect();
+            assert_eq!(lines.len(), 2 * CHUNK + 7, "{name}");
+            assert_eq!(lines.last().unwrap() - lines[0] + 1, lines.len(), "{name}: its lines are not contiguous");
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped_as_the_text_format_requires() {
+        let mut out = String::new();
+        label_value(&mut out, "a\\b\"c\nd");
+        assert_eq!(out, r#"a\\b\"c\nd"#);
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
@@ -47,7 +48,9 @@ pub async fn serve(
 async fn metrics(State(p): State<Probes>) -> impl IntoResponse {
     // Read at scrape time: the Lease may have lapsed since the elector last ran.
     p.metrics.set_leader(p.leadership.is_leader());
-    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], p.metrics.encode())
+    // Streamed as encoded, a chunk of grants at a time: a scrape never holds every series at once.
+    let chunks = p.metrics.encode_chunks().map(Ok::<_, std::convert::Infallible>);
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], Body::from_stream(futures::stream::iter(chunks)))
 }
 
 async fn readyz(State(p): State<Probes>) -> impl IntoResponse {

@@ -72,7 +72,7 @@ impl Run<'_> {
             })
         };
         let (answer, source) = self.ctx.products.token(&key, &want, retry_at, request).await;
-        metrics.grant_refresh(&self.ns, &self.grant.name_any(), outcome::request_result(answer.as_ref().err()));
+        self.ctx.memory.count_refresh(&self.key, outcome::request_result(answer.as_ref().err()));
         let issued = match answer {
             Ok(issued) => issued,
             Err(err) => return self.refresh_failed(err, None, published).await,

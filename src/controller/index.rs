@@ -11,8 +11,8 @@ use std::sync::{Arc, RwLock};
 
 use kube::ResourceExt;
 
+use super::grant::Grant;
 use super::secret_cache::{Key, key};
-use crate::api::WgtwoGrant;
 
 #[derive(Default)]
 pub struct SecretIndex {
@@ -30,11 +30,11 @@ struct Inner {
 }
 
 /// The Secrets a grant reads, all in its namespace: the client's, and a subscriber's refresh token.
-pub fn secrets_of(grant: &WgtwoGrant) -> Box<[Key]> {
+pub fn secrets_of(grant: &Grant) -> Box<[Key]> {
     let ns = grant.namespace().unwrap_or_default();
     let spec = &grant.spec;
-    let client = key(&ns, &spec.client_secret_ref.name);
-    match &spec.refresh_token_secret_ref {
+    let client = key(&ns, &spec.client_secret);
+    match &spec.refresh_token {
         Some(token) => Box::new([client, key(&ns, &token.name)]),
         None => Box::new([client]),
     }
@@ -42,7 +42,7 @@ pub fn secrets_of(grant: &WgtwoGrant) -> Box<[Key]> {
 
 impl SecretIndex {
     /// Indexes a grant as it is now (its spec may have changed).
-    pub fn upsert(&self, grant: &WgtwoGrant) {
+    pub fn upsert(&self, grant: &Grant) {
         let ns = grant.namespace().unwrap_or_default();
         let grant_key = key(&ns, &grant.name_any());
         let now = secrets_of(grant);
@@ -58,7 +58,7 @@ impl SecretIndex {
                 users.push(grant_key.clone());
             }
         }
-        if let Some(token) = &grant.spec.refresh_token_secret_ref {
+        if let Some(token) = &grant.spec.refresh_token {
             let created = grant.metadata.creation_timestamp.as_ref().map_or(i64::MAX, |t| t.0.as_second());
             let users = inner.token_users.entry(key(&ns, &token.name)).or_default();
             let entry = (created, grant_key.clone());
@@ -76,13 +76,13 @@ impl SecretIndex {
         users.map(|(created, g)| (*created, g[namespace.len() + 1..].to_owned())).collect()
     }
 
-    pub fn remove(&self, grant: &WgtwoGrant) {
+    pub fn remove(&self, grant: &Grant) {
         let grant_key = key(&grant.namespace().unwrap_or_default(), &grant.name_any());
         self.inner.write().unwrap().remove(&grant_key);
     }
 
     /// Rebuilds the index from every grant (after a relist, which may hide deletions).
-    pub fn rebuild<'a>(&self, grants: impl IntoIterator<Item = &'a WgtwoGrant>) {
+    pub fn rebuild<'a>(&self, grants: impl IntoIterator<Item = &'a Grant>) {
         *self.inner.write().unwrap() = Inner::default();
         for grant in grants {
             self.upsert(grant);
@@ -128,9 +128,9 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ClientSecretRef, RefreshTokenSecretRef, TargetSecret, WgtwoGrantSpec};
+    use crate::api::{ClientSecretRef, RefreshTokenSecretRef, TargetSecret, WgtwoGrant, WgtwoGrantSpec};
 
-    fn grant(name: &str, client: &str) -> WgtwoGrant {
+    fn grant(name: &str, client: &str) -> Grant {
         let mut g = WgtwoGrant::new(
             name,
             WgtwoGrantSpec {
@@ -147,7 +147,7 @@ mod tests {
             },
         );
         g.metadata.namespace = Some("ns".into());
-        g
+        g.into()
     }
 
     #[test]
@@ -172,8 +172,7 @@ mod tests {
         assert_eq!(index.grants_using("ns", "client"), ["c"]);
         // A product grant reads only its client Secret.
         let mut product = grant("p", "client");
-        product.spec.refresh_token_secret_ref = None;
-        product.spec.client_credentials = Some(Default::default());
+        product.spec.refresh_token = None;
         index.upsert(&product);
         assert_eq!(index.grants_using("ns", "client"), ["c", "p"]);
         assert!(index.grants_using("ns", "p-authorization").is_empty());
@@ -181,14 +180,14 @@ mod tests {
 
     #[test]
     fn of_grants_naming_one_refresh_token_secret_the_oldest_uses_it_until_it_goes() {
-        let at = |grant: &mut WgtwoGrant, second: i64| {
+        let at = |grant: &mut Grant, second: i64| {
             grant.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 jiff::Timestamp::from_second(second).unwrap(),
             ));
         };
         let shared = |name: &str, second: i64| {
             let mut g = grant(name, "client");
-            g.spec.refresh_token_secret_ref.as_mut().unwrap().name = "alice-authorization".into();
+            g.spec.refresh_token.as_mut().unwrap().name = "alice-authorization".into();
             at(&mut g, second);
             g
         };
@@ -207,7 +206,7 @@ mod tests {
         assert_eq!(user("alice-authorization").as_deref(), Some("zed"));
         // Pointing elsewhere frees it.
         let mut moved = zed.clone();
-        moved.spec.refresh_token_secret_ref.as_mut().unwrap().name = "zed-authorization".into();
+        moved.spec.refresh_token.as_mut().unwrap().name = "zed-authorization".into();
         index.upsert(&moved);
         assert_eq!(user("alice-authorization").as_deref(), Some("copy"));
         assert_eq!(user("zed-authorization").as_deref(), Some("zed"));

@@ -82,6 +82,9 @@ struct GrantMemory {
     status: Option<Box<(String, WgtwoGrantStatus)>>,
     /// Whether the grant's template passed its check, at the generation it was checked.
     template: Option<Box<TemplateVerdict>>,
+    /// Renewal attempts by result (`wgtwo_grant_refresh_total`, in the order of
+    /// [`crate::metrics::result::ALL`]): encoded from here at scrape time.
+    refreshes: [u32; 3],
 }
 
 /// A template check's outcome and the template's hash it was made for (not the generation: a grant
@@ -181,6 +184,20 @@ impl Memory {
         let grants = self.grants.lock().unwrap();
         let (checked, verdict) = grants.get(key)?.template.as_deref()?;
         (checked == hash).then(|| verdict.clone())
+    }
+
+    /// An attempt to renew the grant's token ended with `result` (a [`crate::metrics::result`]).
+    pub fn count_refresh(&self, key: &ObjectRef<WgtwoGrant>, result: &str) {
+        let mut grants = self.grants.lock().unwrap();
+        let count = &mut grants.entry(slim(key)).or_default().refreshes[crate::metrics::result::index(result)];
+        *count = count.saturating_add(1);
+        self.update_gauges(&grants);
+    }
+
+    /// The renewal counts of these grants (zero for one never counted), under one lock.
+    pub fn refresh_counts<'a>(&self, keys: impl Iterator<Item = &'a ObjectRef<WgtwoGrant>>) -> Vec<[u32; 3]> {
+        let grants = self.grants.lock().unwrap();
+        keys.map(|k| grants.get(k).map_or([0; 3], |m| m.refreshes)).collect()
     }
 
     /// A failed token request was recorded in the status.

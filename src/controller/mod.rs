@@ -16,6 +16,7 @@
 //! grant's Secrets and the journal).
 
 mod client_credentials;
+pub mod grant;
 pub mod index;
 pub mod inputs;
 pub mod issuers;
@@ -29,6 +30,7 @@ mod reporting;
 pub mod schedule;
 pub mod secret_cache;
 mod secret_io;
+mod series;
 pub mod status;
 mod subscriber;
 pub mod target;
@@ -60,6 +62,7 @@ use kube::{Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, instrument, warn};
 
+use self::grant::Grant;
 use self::index::SecretIndex;
 use self::issuers::AllowedIssuer;
 use self::journal::Journal;
@@ -69,8 +72,7 @@ use self::schedule::{Decision, Observed, RefreshReason};
 use self::secret_cache::SecretCache;
 use self::status::reason;
 use crate::api::{
-    ANNOTATION_REFRESH_REQUESTED, DEFAULT_ISSUER_URL, GRANT_TYPE_CLIENT_CREDENTIALS, GRANT_TYPE_REFRESH_TOKEN,
-    WgtwoGrant, WgtwoGrantStatus,
+    DEFAULT_ISSUER_URL, GRANT_TYPE_CLIENT_CREDENTIALS, GRANT_TYPE_REFRESH_TOKEN, WgtwoGrant, WgtwoGrantStatus,
 };
 use crate::kubeapi::kube_message;
 use crate::leader::Leadership;
@@ -193,9 +195,12 @@ pub struct Context {
     recorder: Recorder,
     options: Options,
     shared: Shared,
-    memory: Memory,
+    memory: Arc<Memory>,
+    /// The per-grant metric series (read from the grant cache and `memory`); the metrics hold it
+    /// weakly, so it lives as long as this context.
+    _series: Arc<series::Series>,
     /// The grant cache, to tell whether a grant still exists.
-    grants: reflector::Store<WgtwoGrant>,
+    grants: reflector::Store<Grant>,
     cache: Arc<SecretCache>,
     /// Product tokens, shared by the grants with the same issuer, client and scope.
     products: product::ProductTokens,
@@ -209,26 +214,39 @@ impl Context {
         client: kube::Client,
         options: Options,
         shared: Shared,
-        grants: reflector::Store<WgtwoGrant>,
+        grants: reflector::Store<Grant>,
         cache: Arc<SecretCache>,
         index: Arc<SecretIndex>,
     ) -> Self {
         let recorder = recorder(client.clone());
-        let memory = Memory::new(shared.metrics.clone());
+        let memory = Arc::new(Memory::new(shared.metrics.clone()));
         for (key, pending) in std::mem::take(&mut *shared.replayed.lock().unwrap()) {
             memory.keep(&key, pending);
         }
-        Self { client, recorder, options, shared, memory, grants, cache, products: Default::default(), index }
+        let series = Arc::new(series::Series::new(grants.clone(), memory.clone()));
+        let weak: std::sync::Weak<dyn metrics::GrantSeries> = Arc::downgrade(&series) as _;
+        shared.metrics.set_grant_series(weak);
+        Self {
+            client,
+            recorder,
+            options,
+            shared,
+            memory,
+            _series: series,
+            grants,
+            cache,
+            products: Default::default(),
+            index,
+        }
     }
 
     fn api_backoff(&self, key: &ObjectRef<WgtwoGrant>) -> Duration {
         self.memory.next_api_backoff(key, self.options.min_backoff, self.options.max_backoff)
     }
 
-    /// Forgets a grant that is gone: its memory, its metric series and its journal entry.
+    /// Forgets a grant that is gone: its memory (with its refresh counts) and its journal entry.
     fn forget(&self, key: &ObjectRef<WgtwoGrant>) {
         self.memory.forget(key);
-        self.shared.metrics.forget_grant(key.namespace.as_deref().unwrap_or_default(), &key.name);
         if let Some(journal) = &self.shared.journal
             && let Err(err) = journal.remove(key)
         {
@@ -241,9 +259,9 @@ impl Context {
     fn template<'g>(
         &self,
         key: &ObjectRef<WgtwoGrant>,
-        grant: &'g WgtwoGrant,
+        grant: &'g Grant,
     ) -> Result<Option<template::Template<'g>>, template::TemplateError> {
-        let spec = grant.spec.target.template.as_ref();
+        let spec = grant.spec.template.as_deref();
         let Some(checked) = template::Template::checked(spec) else { return Ok(None) };
         if let Some(verdict) = self.memory.template_verdict(key, checked.hash()) {
             return verdict.map(|()| Some(checked));
@@ -251,6 +269,23 @@ impl Context {
         let compiled = template::compile(spec, &self.options.template_metadata_prefixes);
         self.memory.checked_template(key, checked.hash(), compiled.as_ref().map(|_| ()).map_err(Clone::clone));
         compiled
+    }
+
+    /// The Secrets in the operator's scope (every namespace, or `--namespace`), for a LIST.
+    /// The cached grant under `key`.
+    fn cached(&self, key: &ObjectRef<WgtwoGrant>) -> Option<Arc<Grant>> {
+        let name = ObjectRef::<Grant>::new(&key.name);
+        self.grants.get(&match &key.namespace {
+            Some(ns) => name.within(ns),
+            None => name,
+        })
+    }
+
+    fn owned_secrets(&self) -> Api<Secret> {
+        match &self.options.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
     }
 
     fn client_config(&self, issuer: &str, inputs: &inputs::Inputs) -> ClientConfig {
@@ -267,12 +302,12 @@ pub fn recorder(client: kube::Client) -> Recorder {
     Recorder::new(client, Reporter { controller: MANAGER.into(), instance: crate::kubeapi::pod_name() })
 }
 
-fn error_policy(grant: Arc<WgtwoGrant>, err: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(grant: Arc<Grant>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.shared.metrics.reconcile_error(match err {
         Error::Kube(_) => reason::KUBERNETES_API,
         Error::PersistFailed { .. } => reason::PERSIST_FAILED,
     });
-    let key = ObjectRef::from_obj(&*grant);
+    let key = grant.key();
     if is_gone(&ctx, &key, &grant) {
         // Deleted while it was reconciled (its error is likely that): remember nothing of it.
         debug!(namespace = grant.namespace().unwrap_or_default(), grant = %grant.name_any(), error = %err, "reconcile error of a deleted grant");
@@ -286,7 +321,7 @@ fn error_policy(grant: Arc<WgtwoGrant>, err: &Error, ctx: Arc<Context>) -> Actio
 
 /// Everything one reconcile works with.
 struct Run<'a> {
-    grant: &'a WgtwoGrant,
+    grant: &'a Grant,
     ctx: &'a Context,
     key: ObjectRef<WgtwoGrant>,
     /// The grant's namespace, where every Secret it names lives.
@@ -299,9 +334,9 @@ struct Run<'a> {
 
 /// One span per reconcile: every log line names the grant and its namespace.
 #[instrument(skip_all, fields(namespace = grant.metadata.namespace.as_deref().unwrap_or(""), grant = grant.metadata.name.as_deref().unwrap_or("")))]
-async fn reconcile(grant: Arc<WgtwoGrant>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(grant: Arc<Grant>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.shared.metrics.reconciled();
-    let key = ObjectRef::from_obj(&*grant);
+    let key = grant.key();
     let ns = grant.namespace().expect("WgtwoGrant is namespaced");
     if grant.meta().deletion_timestamp.is_some() {
         // Being deleted: its Secrets go with it; write nothing that would bring them back.
@@ -332,8 +367,8 @@ async fn reconcile(grant: Arc<WgtwoGrant>, ctx: Arc<Context>) -> Result<Action, 
 }
 
 /// Whether the grant cache no longer holds this grant object (deleted, or deleted and created again).
-fn is_gone(ctx: &Context, key: &ObjectRef<WgtwoGrant>, grant: &WgtwoGrant) -> bool {
-    ctx.grants.get(key).is_none_or(|g| g.uid() != grant.uid())
+fn is_gone(ctx: &Context, key: &ObjectRef<WgtwoGrant>, grant: &Grant) -> bool {
+    ctx.cached(key).is_none_or(|g| g.uid() != grant.uid())
 }
 
 impl Run<'_> {
@@ -362,7 +397,7 @@ impl Run<'_> {
                 self.ctx.memory.persisted(&self.key);
                 self.unjournal();
             }
-            let target = self.owned(&self.grant.spec.target.secret_name).await?;
+            let target = self.owned(&self.grant.spec.target_secret).await?;
             let published = target.as_ref().and_then(target::published_token);
             if !publish_kept(&pending, published) {
                 // The target holds this answer's token already, or a newer one (a replica refreshed
@@ -393,18 +428,18 @@ impl Run<'_> {
         if let Some(problem) = self.foreign_input().await? {
             return self.input_problem(problem.reason, problem.message).await;
         }
-        let client = self.read(&spec.client_secret_ref.name, inputs::CLIENT_KEYS).await?;
-        let inputs = match inputs::client(client.as_ref(), &spec.client_secret_ref.name) {
+        let client = self.read(&spec.client_secret, inputs::CLIENT_KEYS).await?;
+        let inputs = match inputs::client(client.as_ref(), &spec.client_secret) {
             Ok(inputs) => inputs,
             Err(problem) => return self.input_problem(problem.reason, problem.message).await,
         };
         // None: a product grant (client credentials), which has no state Secret: nothing rotates.
-        let token_ref = spec.refresh_token_secret_ref.as_ref();
+        let token_ref = spec.refresh_token.as_ref();
         let state_secret = match token_ref {
             Some(_) => self.owned(&self.state_name()).await?,
             None => None,
         };
-        let target_secret = self.owned(&spec.target.secret_name).await?;
+        let target_secret = self.owned(&spec.target_secret).await?;
         for (secret, what, why) in [
             (&target_secret, reason::TARGET_CONFLICT, "target.secretName"),
             (&state_secret, reason::STATE_CONFLICT, "the operator's state Secret"),
@@ -460,14 +495,14 @@ impl Run<'_> {
 
     /// When to renew the published token (the same schedule for both grant types).
     fn decide(&self, now: Timestamp, published: Option<schedule::TokenTimes>, new_authorization: bool) -> Decision {
-        let requested = self.grant.annotations().get(ANNOTATION_REFRESH_REQUESTED);
+        let requested = self.grant.refresh_requested.as_deref();
         // The cached grant may predate our own last status write.
         let handled = self.current_status().and_then(|s| s.refresh_request_handled);
         schedule::decide(&Observed {
             now,
             token: published,
             new_authorization,
-            refresh_requested: requested.is_some() && requested != handled.as_ref(),
+            refresh_requested: requested.is_some() && requested != handled.as_deref(),
             refresh_before: self.refresh_before(),
             jitter_seed: self.jitter_seed(),
             retry_not_before: self.retry_not_before(),
@@ -531,7 +566,7 @@ impl Run<'_> {
         self.write_target(target, shaped).await?;
         let next = schedule::refresh_at(times, self.refresh_before(), self.jitter_seed());
         let subject = tokens.id_token.as_ref().map(|id| id.subject.clone());
-        let handled = self.grant.annotations().get(ANNOTATION_REFRESH_REQUESTED).cloned();
+        let handled = self.grant.refresh_requested.as_deref().map(str::to_owned);
         self.set_published(times.expires_at, problem, |s| {
             s.expires_at = Some(Time(times.expires_at));
             s.last_refresh_time = Some(Time(times.issued_at));
@@ -548,7 +583,7 @@ impl Run<'_> {
         })
         .await?;
         // Counted once published in full: a retried status write would otherwise count twice.
-        self.ctx.shared.metrics.token_published(self.grant.spec.grant_type().as_str(), source);
+        self.ctx.shared.metrics.token_published(self.grant.spec.grant_type(), source);
         Ok(next)
     }
 

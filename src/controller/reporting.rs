@@ -40,8 +40,8 @@ impl Run<'_> {
         let valid_until = published.map(|t| t.expires_at).filter(|at| *at > now);
         let spec = &self.grant.spec;
         let name = self.grant.name_any();
-        let client_secret = spec.client_secret_ref.name.as_str();
-        let grant = match spec.refresh_token_secret_ref.as_ref() {
+        let client_secret = &*spec.client_secret;
+        let grant = match spec.refresh_token.as_ref() {
             Some(token) => outcome::Grant::Subscriber {
                 name: &name,
                 namespace: &self.ns,
@@ -137,7 +137,7 @@ impl Run<'_> {
         };
         let message = format!(
             "{problem}. The template's keys, labels and annotations are not applied until it is fixed; the access token is still renewed: Secret {} holds one valid until {expires_at} under access_token",
-            self.grant.spec.target.secret_name
+            self.grant.spec.target_secret
         );
         let why = reason::TEMPLATE_INVALID;
         self.ctx.shared.metrics.reconcile_error(why);
@@ -176,7 +176,7 @@ impl Run<'_> {
                 status::ready_condition(previous, ready, why, message.clone(), self.grant.metadata.generation, now);
             let mut next = status::with_ready(current, condition);
             next.observed_generation = self.grant.metadata.generation;
-            next.grant_type = Some(self.grant.spec.grant_type().as_str().to_owned());
+            next.grant_type = Some(self.grant.spec.grant_type().to_owned());
             edit(&mut next);
             next
         };
@@ -212,7 +212,7 @@ impl Run<'_> {
     }
 
     pub(super) fn valid_message(&self, expires_at: Timestamp) -> String {
-        format!("Secret {} holds an access token valid until {expires_at}", self.grant.spec.target.secret_name)
+        format!("Secret {} holds an access token valid until {expires_at}", self.grant.spec.target_secret)
     }
 
     pub(super) async fn event(&self, type_: EventType, why: &str, note: String) {

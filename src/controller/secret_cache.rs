@@ -51,6 +51,8 @@ const OWNED_KEYS: &[&str] = &[
     target::KEY_EXPIRES_AT,
 ];
 const OWNED_ANNOTATIONS: &[&str] = &[target::ANNOTATION_REFRESHED_AT, super::template::ANNOTATION_TEMPLATE_HASH];
+/// Secrets per page of [`SecretCache::confirm_owned`]'s LIST: a few hundred KiB of JSON at a time.
+const LIST_PAGE: u32 = 500;
 /// Keys whose value the controller never reads back, only whether it is set: kept as one byte.
 const PRESENCE_ONLY: &[&str] = &[target::KEY_ACCESS_TOKEN];
 
@@ -237,6 +239,14 @@ pub struct SecretCache {
     synced: Notify,
     /// The leadership term (see [`crate::leader::Leadership::epoch`]) own copies are marked with.
     epoch: Arc<AtomicU64>,
+    /// The term whose consistent LIST of the operator's Secrets ([`Self::confirm_owned`]) brought
+    /// every one of them into `owned`: in that term a Secret not there does not exist. 0: none, or
+    /// a relist of the owned watch dropped copies since (it may drop one created after its LIST).
+    listed_in: AtomicU64,
+    /// Relists of the owned watch that dropped copies.
+    owned_drops: AtomicU64,
+    /// One such LIST at a time.
+    listing: tokio::sync::Mutex<()>,
 }
 
 impl SecretCache {
@@ -282,11 +292,15 @@ impl SecretCache {
     }
 
     pub fn apply_owned(&self, event: &watcher::Event<Secret>) {
-        self.owned.apply(
+        let gone = self.owned.apply(
             event,
             |s| Kept::from_secret(&s.metadata, s.data.as_ref(), OWNED_KEYS),
             |s| key_of(&s.metadata),
         );
+        if !gone.is_empty() {
+            self.owned_drops.fetch_add(1, Ordering::SeqCst);
+            self.listed_in.store(0, Ordering::SeqCst);
+        }
         if matches!(event, watcher::Event::InitDone) {
             self.synced.notify_waiters();
         }
@@ -323,9 +337,57 @@ impl SecretCache {
     }
 
     /// Whether the kept copy of an owned Secret is one this process wrote itself (or read
-    /// consistently) in leadership term `epoch`.
+    /// consistently) in leadership term `epoch`; with no copy kept, whether the term's LIST
+    /// ([`Self::confirm_owned`]) showed there is none.
     pub fn is_own_copy(&self, namespace: &str, name: &str, epoch: u64) -> bool {
-        self.owned.map.read().unwrap().get(&key(namespace, name)).is_some_and(|k| k.own == epoch && epoch != 0)
+        if epoch == 0 {
+            return false;
+        }
+        match self.owned.map.read().unwrap().get(&key(namespace, name)) {
+            Some(kept) => kept.own == epoch,
+            None => self.listed_in.load(Ordering::SeqCst) == epoch,
+        }
+    }
+
+    /// The resourceVersion of the kept copy of an owned Secret (`None`: none kept).
+    pub fn owned_version(&self, namespace: &str, name: &str) -> Option<String> {
+        self.owned.map.read().unwrap().get(&key(namespace, name)).map(|k| k.meta.resource_version.to_string())
+    }
+
+    /// Confirms every copy of the operator's Secrets with one consistent LIST (by label, paged, one
+    /// snapshot), once per leadership term `epoch` (read before the call): each copy at the listed
+    /// version becomes an own copy of the term, and a Secret missing from the cache is added. A
+    /// copy newer than the LIST keeps its mark (an own write of this term is still one; anything
+    /// else needs its own read). Instead of a GET per grant before its first token request in a term.
+    pub async fn confirm_owned(&self, api: &Api<Secret>, epoch: u64) -> Result<(), kube::Error> {
+        let _one = self.listing.lock().await;
+        if epoch == 0 || self.listed_in.load(Ordering::SeqCst) == epoch {
+            return Ok(());
+        }
+        let drops = self.owned_drops.load(Ordering::SeqCst);
+        let selector = format!("{}={}", super::LABEL_MANAGED_BY, super::MANAGER);
+        let mut params = kube::api::ListParams::default().labels(&selector).limit(LIST_PAGE);
+        loop {
+            let page = api.list(&params).await?;
+            for secret in &page.items {
+                self.wrote(secret, epoch);
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
+        self.listed(epoch, drops);
+        Ok(())
+    }
+
+    /// Every Secret of a LIST in term `epoch` is recorded (begun when `drops` relists had dropped
+    /// copies): a Secret not kept now does not exist, unless a relist dropped copies meanwhile (it
+    /// may have dropped one the LIST brought in).
+    fn listed(&self, epoch: u64, drops: u64) {
+        if self.owned_drops.load(Ordering::SeqCst) == drops {
+            self.listed_in.store(epoch, Ordering::SeqCst);
+        }
     }
 
     /// The leadership term now: read it before a request whose answer is recorded with [`Self::wrote`].
@@ -471,26 +533,6 @@ pub fn strip<K: Resource>(object: &mut K) {
     }
 }
 
-/// What the grant cache keeps of a grant's metadata: name, namespace, uid, version, generation,
-/// deletion and the operator's own annotations (so other annotations neither cost memory nor
-/// trigger reconciles). Everything else (labels, owners, finalizers, managedFields, other
-/// annotations) is dropped before the grant is stored.
-pub fn strip_grant<K: Resource>(object: &mut K) {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    meta.labels = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    // creationTimestamp stays: of grants naming one refresh-token Secret, the oldest uses it.
-    meta.generate_name = None;
-    if let Some(a) = meta.annotations.as_mut() {
-        a.retain(|k, _| k.starts_with(crate::api::ANNOTATION_PREFIX));
-        if a.is_empty() {
-            meta.annotations = None;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,6 +612,49 @@ mod tests {
             epoch.load(Ordering::SeqCst),
         );
         assert!(cache.is_own_copy("ns", "g-wgtwo-state", 4));
+    }
+
+    #[test]
+    fn a_terms_list_confirms_the_copies_it_shows_and_that_no_other_exists() {
+        let epoch = Arc::new(AtomicU64::new(2));
+        let cache = SecretCache::new(epoch.clone());
+        // The watch's copy, and one it has not delivered yet.
+        cache.apply_owned(&watcher::Event::Apply(secret("a-wgtwo-state", "5", Some("u"), &[("refresh_token", "a")])));
+        assert!(!cache.is_own_copy("ns", "a-wgtwo-state", 2), "a watch copy needs confirming");
+        assert!(!cache.is_own_copy("ns", "c-wgtwo-state", 2), "an absent one too");
+        // A newer copy from another writer, delivered before the LIST's answer is recorded.
+        cache.apply_owned(&watcher::Event::Apply(secret("b-wgtwo-state", "9", Some("u"), &[("refresh_token", "b2")])));
+        let drops = cache.owned_drops.load(Ordering::SeqCst);
+        for listed in [
+            secret("a-wgtwo-state", "5", Some("u"), &[("refresh_token", "a")]),
+            secret("b-wgtwo-state", "7", Some("u"), &[("refresh_token", "b1")]),
+            secret("d-wgtwo-state", "6", Some("u"), &[("refresh_token", "d")]),
+        ] {
+            cache.wrote(&listed, 2);
+        }
+        cache.listed(2, drops);
+        assert!(cache.is_own_copy("ns", "a-wgtwo-state", 2), "listed at the kept version");
+        assert!(cache.is_own_copy("ns", "d-wgtwo-state", 2), "listed, not yet delivered by the watch");
+        assert_eq!(cache.owned_version("ns", "d-wgtwo-state").as_deref(), Some("6"));
+        assert!(!cache.is_own_copy("ns", "b-wgtwo-state", 2), "newer than the LIST: read it");
+        assert_eq!(cache.owned_version("ns", "b-wgtwo-state").as_deref(), Some("9"));
+        assert!(cache.is_own_copy("ns", "c-wgtwo-state", 2), "not in the LIST: it does not exist");
+        assert!(!cache.is_own_copy("ns", "c-wgtwo-state", 3), "in the next term, another LIST decides");
+        assert!(!cache.is_own_copy("ns", "a-wgtwo-state", 3));
+        // A relist of the owned watch that drops copies may drop one the LIST brought in.
+        for e in [watcher::Event::Init, watcher::Event::InitDone] {
+            cache.apply_owned(&e);
+        }
+        assert!(!cache.is_own_copy("ns", "a-wgtwo-state", 2), "dropped by the relist");
+        assert!(!cache.is_own_copy("ns", "c-wgtwo-state", 2), "absence is no longer known");
+        // A LIST during which a relist dropped copies does not vouch for absence either.
+        let drops = cache.owned_drops.load(Ordering::SeqCst);
+        cache.apply_owned(&watcher::Event::Apply(secret("e-wgtwo-state", "11", Some("u"), &[])));
+        for e in [watcher::Event::Init, watcher::Event::InitDone] {
+            cache.apply_owned(&e);
+        }
+        cache.listed(2, drops);
+        assert!(!cache.is_own_copy("ns", "c-wgtwo-state", 2));
     }
 
     #[test]

@@ -7,7 +7,7 @@ impl Run<'_> {
     /// Applies a changed template to the published token without a token request: one GET of the
     /// target Secret (the cache keeps no token), rendered from the operator's own keys.
     pub(super) async fn render_target_again(&self) -> Result<Option<template::TemplateError>, Error> {
-        let Some(stored) = self.secrets.get_opt(&self.grant.spec.target.secret_name).await? else {
+        let Some(stored) = self.secrets.get_opt(&self.grant.spec.target_secret).await? else {
             return Ok(None);
         };
         let Some(token) = target::published_token(&stored) else {
@@ -30,7 +30,7 @@ impl Run<'_> {
         shaped: target::Shaped,
     ) -> Result<Secret, kube::Error> {
         let target::Shaped { data, labels, annotations } = shaped;
-        self.write_secret(&self.grant.spec.target.secret_name, existing, data, annotations, labels).await
+        self.write_secret(&self.grant.spec.target_secret, existing, data, annotations, labels).await
     }
 
     /// Creates the Secret, or replaces it based on `existing`'s resourceVersion.
@@ -115,8 +115,8 @@ pub(super) enum Journaling {
 
 /// A Secret the operator owns for `grant` (state or target): labelled as the operator's and the
 /// grant's, owned by the grant (so it goes with it), at `resource_version` when replacing one.
-pub(crate) fn owned_secret(
-    grant: &WgtwoGrant,
+pub(crate) fn owned_secret<G: Resource<DynamicType = ()>>(
+    grant: &G,
     name: &str,
     resource_version: Option<String>,
     data: BTreeMap<String, k8s_openapi::ByteString>,

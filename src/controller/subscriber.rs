@@ -16,7 +16,7 @@ impl Run<'_> {
         // Read as replay reads it: a subscriber who authorized again since supersedes the answer
         // (written over the new lineage, it would have the next reconcile adopt the new token
         // again: a reuse).
-        let user_token_sha256 = match self.grant.spec.refresh_token_secret_ref.as_ref() {
+        let user_token_sha256 = match self.grant.spec.refresh_token.as_ref() {
             Some(r) => inputs::user_token(self.secrets.get_opt(&r.name).await?.as_ref(), &r.name, &r.key)
                 .ok()
                 .map(|token| lineage::sha256_hex(&[&token])),
@@ -51,11 +51,9 @@ impl Run<'_> {
     /// one token: the second presentation revokes the first's family).
     pub(super) async fn foreign_input(&self) -> Result<Option<inputs::Problem>, Error> {
         let spec = &self.grant.spec;
-        let token = spec.refresh_token_secret_ref.as_ref();
-        let named = [
-            (Some(spec.client_secret_ref.name.as_str()), "clientSecretRef"),
-            (token.map(|t| t.name.as_str()), "refreshTokenSecretRef"),
-        ];
+        let token = spec.refresh_token.as_ref();
+        let named =
+            [(Some(&*spec.client_secret), "clientSecretRef"), (token.map(|t| &*t.name), "refreshTokenSecretRef")];
         for (name, field) in named {
             let Some(name) = name else { continue };
             if self.ctx.cache.is_operators(&self.ns, name) {
@@ -114,16 +112,24 @@ impl Run<'_> {
         // A refresh token may be presented once only, so the state it came from must be the latest:
         // a copy this process wrote itself in this leadership term is; any other (a watch event, a
         // copy from before another leader's term, or none at all) may lag a write of the previous
-        // leader or process, and is confirmed with a consistent read.
+        // leader or process, and is confirmed by a consistent read: the term's one LIST of the
+        // operator's Secrets, or this Secret's own GET when the LIST could not confirm it.
         let epoch = self.ctx.shared.leadership.epoch();
-        if !self.ctx.cache.is_own_copy(&self.ns, &self.state_name(), epoch) {
-            let stored = self.secrets.get_opt(&self.state_name()).await?;
-            let version = |s: &Option<Secret>| s.as_ref().and_then(|s| s.resource_version());
-            if version(&stored) != version(&state_secret) {
-                debug!("the cached state Secret was behind the stored one; deciding again");
-                if let Some(stored) = &stored {
-                    self.ctx.cache.wrote(stored, epoch);
+        let state_name = self.state_name();
+        if !self.ctx.cache.is_own_copy(&self.ns, &state_name, epoch) {
+            self.ctx.cache.confirm_owned(&self.ctx.owned_secrets(), epoch).await?;
+            let stored = match self.ctx.cache.is_own_copy(&self.ns, &state_name, epoch) {
+                true => self.ctx.cache.owned_version(&self.ns, &state_name),
+                false => {
+                    let stored = self.secrets.get_opt(&state_name).await?;
+                    if let Some(stored) = &stored {
+                        self.ctx.cache.wrote(stored, epoch);
+                    }
+                    stored.and_then(|s| s.resource_version())
                 }
+            };
+            if stored != state_secret.as_ref().and_then(|s| s.resource_version()) {
+                debug!("the cached state Secret was behind the stored one; deciding again");
                 return Ok(Action::requeue(outcome::AGAIN_SOON));
             }
         }
@@ -177,7 +183,7 @@ impl Run<'_> {
         let outcome = outcome::request_result(answer.as_ref().err());
         let seconds = received.duration_since(sent).as_secs_f64();
         self.ctx.shared.metrics.token_request(GRANT_TYPE_REFRESH_TOKEN, outcome, seconds);
-        self.ctx.shared.metrics.grant_refresh(&self.ns, &self.grant.name_any(), outcome);
+        self.ctx.memory.count_refresh(&self.key, outcome);
         let (pending, answer) = match answer {
             Ok(answer) => answer,
             Err(err) => {

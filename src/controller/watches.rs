@@ -36,7 +36,7 @@ pub async fn run(
         })
     };
     // Api<PartialObjectMeta<_>> asks for metadata only: nobody's Secret data is sent for it.
-    let (grants, secrets, secrets_meta): (Api<WgtwoGrant>, Api<Secret>, Api<PartialObjectMeta<Secret>>) =
+    let (grants, secrets, secrets_meta): (Api<Grant>, Api<Secret>, Api<PartialObjectMeta<Secret>>) =
         match &options.namespace {
             Some(ns) => (
                 Api::namespaced(watch_client.clone(), ns),
@@ -53,7 +53,6 @@ pub async fn run(
     let index = Arc::new(SecretIndex::default());
     let ctx = Arc::new(Context::new(api_client, options, shared.clone(), store.clone(), cache.clone(), index.clone()));
     let watch_ctx = ctx.clone();
-    let metrics = shared.metrics.clone();
     let reader = store.clone();
     // Ready once the grants and both Secret watches have listed everything. Set here rather than by
     // Store::wait_until_ready, whose waker the Controller's own wait displaces.
@@ -70,24 +69,19 @@ pub async fn run(
     let grants_done = mark_synced.clone();
     let grant_changes = watcher(grants, watch_config())
         .default_backoff()
-        .modify(secret_cache::strip_grant)
         .reflect(writer)
-        // Per-grant gauges follow every status change, including our own writes.
         .inspect_ok(move |event| match event {
             watcher::Event::Apply(g) | watcher::Event::InitApply(g) => {
-                metrics.observe_grant(g);
                 grant_index.upsert(g);
-                watch_ctx.memory.own_status(&ObjectRef::from_obj(g), g.resource_version().as_deref());
+                watch_ctx.memory.own_status(&g.key(), g.resource_version().as_deref());
             }
             watcher::Event::Delete(g) => {
-                watch_ctx.forget(&ObjectRef::from_obj(g));
+                watch_ctx.forget(&g.key());
                 grant_index.remove(g);
             }
             watcher::Event::InitDone => {
                 let alive = reader.state();
-                metrics
-                    .retain_grants(&alive.iter().map(|g| (g.namespace().unwrap_or_default(), g.name_any())).collect());
-                let alive_keys: HashSet<_> = alive.iter().map(|g| ObjectRef::from_obj(&**g)).collect();
+                let alive_keys: HashSet<_> = alive.iter().map(|g| g.key()).collect();
                 watch_ctx.memory.retain(&alive_keys);
                 if let Some(journal) = &watch_ctx.shared.journal
                     && let Err(err) = journal.retain(&alive_keys)
@@ -101,9 +95,9 @@ pub async fn run(
             watcher::Event::Init => {}
         })
         .applied_objects()
-        // Spec and (the operator's own) annotation changes only: a status patch after a failed
-        // refresh must not bypass the backoff.
-        .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
+        // Spec changes and refresh requests only: a status patch after a failed refresh must not
+        // bypass the backoff.
+        .predicate_filter(predicates::generation.combine(refresh_requested), Default::default());
     let controller = Controller::for_stream(grant_changes, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
     // Every Secret as metadata only (no data, no managedFields): whether it exists, its version
@@ -190,7 +184,7 @@ pub(super) async fn persist_kept(ctx: &Arc<Context>, deadline: tokio::time::Inst
         }
         info!(grants = keys.len(), "shutdown: retrying the state writes of kept refresh answers");
         for key in keys {
-            let result = match ctx.grants.get(&key) {
+            let result = match ctx.cached(&key) {
                 Some(grant) => tokio::time::timeout_at(deadline, reconcile(grant, ctx.clone())).await,
                 None => {
                     ctx.forget(&key);
@@ -206,7 +200,15 @@ pub(super) async fn persist_kept(ctx: &Arc<Context>, deadline: tokio::time::Inst
     }
 }
 
-pub(super) fn users_of(index: &SecretIndex, namespace: &Option<String>, secret: &str) -> Vec<ObjectRef<WgtwoGrant>> {
+/// A predicate: the grant's refresh request (the only annotation the grant cache keeps).
+fn refresh_requested(grant: &Grant) -> Option<u64> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    grant.refresh_requested.hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+pub(super) fn users_of(index: &SecretIndex, namespace: &Option<String>, secret: &str) -> Vec<ObjectRef<Grant>> {
     let ns = namespace.as_deref().unwrap_or_default();
     index.grants_using(ns, secret).into_iter().map(|name| ObjectRef::new(&name).within(ns)).collect()
 }
