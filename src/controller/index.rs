@@ -55,12 +55,19 @@ impl SecretIndex {
         for secret in &now {
             let users = inner.users.entry(secret.clone()).or_default();
             if !users.contains(&grant_key) {
+                // Most Secrets have one user: room for one, not the four a first push makes.
+                if users.is_empty() {
+                    users.reserve_exact(1);
+                }
                 users.push(grant_key.clone());
             }
         }
         if let Some(token) = &grant.spec.refresh_token {
             let created = grant.metadata.creation_timestamp.as_ref().map_or(i64::MAX, |t| t.0.as_second());
             let users = inner.token_users.entry(key(&ns, &token.name)).or_default();
+            if users.is_empty() {
+                users.reserve_exact(1);
+            }
             let entry = (created, grant_key.clone());
             let at = users.partition_point(|u| *u < entry);
             users.insert(at, entry);

@@ -1,7 +1,7 @@
 //! What the controller knows about Secrets without a request per reconcile:
 //!
-//! - `meta`: every Secret in scope, from a metadata-only watch: its resourceVersion and controller
-//!   owner, nothing else (no data, no managedFields).
+//! - `meta`: every other Secret in scope, from a metadata-only watch: its resourceVersion and
+//!   controller owner, nothing else (no data, no managedFields).
 //! - `owned`: the Secrets labelled as managed by the operator (state and target), from a watch with
 //!   data, kept as the few keys the controller uses; own writes are recorded at once, so a reconcile
 //!   right after a write never builds on the watch's older copy.
@@ -12,6 +12,7 @@
 //! 1 KiB per Secret even as metadata), where this keeps about 100 bytes per Secret and the data of
 //! the operator's own Secrets only.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -53,6 +54,8 @@ const OWNED_KEYS: &[&str] = &[
 const OWNED_ANNOTATIONS: &[&str] = &[target::ANNOTATION_REFRESHED_AT, super::template::ANNOTATION_TEMPLATE_HASH];
 /// Secrets per page of [`SecretCache::confirm_owned`]'s LIST: a few hundred KiB of JSON at a time.
 const LIST_PAGE: u32 = 500;
+/// How long after a failed LIST of the operator's Secrets another is tried (in the same term).
+const LIST_RETRY: Duration = Duration::from_secs(30);
 /// Keys whose value the controller never reads back, only whether it is set: kept as one byte.
 const PRESENCE_ONLY: &[&str] = &[target::KEY_ACCESS_TOKEN];
 
@@ -74,8 +77,20 @@ struct Kept {
     /// Within that term the copy is the latest, as long as it is the one kept; after it, another
     /// leader may have written meanwhile (and a dead watch not have shown it).
     own: u64,
-    annotations: Vec<(Box<str>, Box<str>)>,
-    data: Vec<(Box<str>, ByteString)>,
+    annotations: Vec<(&'static str, Box<str>)>,
+    data: Vec<(Name, Box<[u8]>)>,
+}
+
+/// A key of a Secret's data: one of the operator's own (most, shared) or another's.
+type Name = Cow<'static, str>;
+
+/// The static copy of a key the controller reads, when it is one.
+fn name(key: &str) -> Name {
+    OWNED_KEYS
+        .iter()
+        .chain(super::inputs::CLIENT_KEYS)
+        .find(|k| **k == key)
+        .map_or_else(|| Cow::Owned(key.to_owned()), |k| Cow::Borrowed(*k))
 }
 
 impl Kept {
@@ -85,20 +100,19 @@ impl Kept {
             .flatten()
             .filter(|(k, _)| keys.contains(&k.as_str()))
             .map(|(k, v)| {
-                let value = match PRESENCE_ONLY.contains(&k.as_str()) {
-                    true if v.0.is_empty() => ByteString(Vec::new()),
-                    true => ByteString(b"*".to_vec()),
-                    false => v.clone(),
+                let value: Box<[u8]> = match PRESENCE_ONLY.contains(&k.as_str()) {
+                    true if v.0.is_empty() => Box::default(),
+                    true => Box::new(*b"*"),
+                    false => v.0.as_slice().into(),
                 };
-                (k.as_str().into(), value)
+                (name(k), value)
             })
             .collect();
         let annotations = metadata
             .annotations
             .iter()
             .flatten()
-            .filter(|(k, _)| OWNED_ANNOTATIONS.contains(&k.as_str()))
-            .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+            .filter_map(|(k, v)| Some((*OWNED_ANNOTATIONS.iter().find(|a| **a == k)?, v.as_str().into())))
             .collect();
         Self { meta: meta_of(metadata), own: 0, annotations, data }
     }
@@ -121,10 +135,15 @@ impl Kept {
                     .then(|| self.annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
                 ..Default::default()
             },
-            data: Some(self.data.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()),
+            data: Some(self.data.iter().map(|(k, v)| (k.to_string(), ByteString(v.to_vec()))).collect()),
             ..Default::default()
         }
     }
+}
+
+/// Labelled as the operator's own (what the owned watch selects).
+fn is_managed(metadata: &ObjectMeta) -> bool {
+    metadata.labels.as_ref().and_then(|l| l.get(super::LABEL_MANAGED_BY)).is_some_and(|v| v == super::MANAGER)
 }
 
 fn meta_of(metadata: &ObjectMeta) -> Meta {
@@ -186,10 +205,20 @@ impl<V> Default for Watched<V> {
 }
 
 impl<V: Versioned> Watched<V> {
-    /// Applies a watch event; returns the keys removed at the end of a relist.
-    fn apply<K>(&self, event: &watcher::Event<K>, value: impl Fn(&K) -> V, key: impl Fn(&K) -> Key) -> Vec<Key> {
+    /// Applies a watch event; returns the keys removed at the end of a relist. Objects `kept`
+    /// refuses are not kept (and dropped if they were).
+    fn apply<K>(
+        &self,
+        event: &watcher::Event<K>,
+        value: impl Fn(&K) -> V,
+        key: impl Fn(&K) -> Key,
+        kept: impl Fn(&K) -> bool,
+    ) -> Vec<Key> {
         match event {
             watcher::Event::Init => *self.relisted.lock().unwrap() = Some(HashSet::new()),
+            watcher::Event::InitApply(o) | watcher::Event::Apply(o) if !kept(o) => {
+                self.map.write().unwrap().remove(&key(o));
+            }
             watcher::Event::InitApply(o) => {
                 let k = key(o);
                 if let Some(set) = self.relisted.lock().unwrap().as_mut() {
@@ -239,12 +268,10 @@ pub struct SecretCache {
     synced: Notify,
     /// The leadership term (see [`crate::leader::Leadership::epoch`]) own copies are marked with.
     epoch: Arc<AtomicU64>,
-    /// The term whose consistent LIST of the operator's Secrets ([`Self::confirm_owned`]) brought
-    /// every one of them into `owned`: in that term a Secret not there does not exist. 0: none, or
-    /// a relist of the owned watch dropped copies since (it may drop one created after its LIST).
+    /// The term whose consistent LIST of the operator's Secrets ([`Self::confirm_owned`]) ran.
     listed_in: AtomicU64,
-    /// Relists of the owned watch that dropped copies.
-    owned_drops: AtomicU64,
+    /// The term and time of the last LIST that failed: tried again after [`LIST_RETRY`].
+    list_failed: Mutex<Option<(u64, tokio::time::Instant)>>,
     /// One such LIST at a time.
     listing: tokio::sync::Mutex<()>,
 }
@@ -275,7 +302,9 @@ impl SecretCache {
     }
 
     pub fn apply_meta(&self, event: &watcher::Event<PartialObjectMeta<Secret>>) {
-        let gone = self.meta.apply(event, |s| meta_of(&s.metadata), |s| key_of(&s.metadata));
+        // The operator's own Secrets are in `owned` already (with their metadata): not kept twice.
+        let gone =
+            self.meta.apply(event, |s| meta_of(&s.metadata), |s| key_of(&s.metadata), |s| !is_managed(&s.metadata));
         let mut values = self.values.lock().unwrap();
         match event {
             watcher::Event::Delete(s) => {
@@ -292,15 +321,12 @@ impl SecretCache {
     }
 
     pub fn apply_owned(&self, event: &watcher::Event<Secret>) {
-        let gone = self.owned.apply(
+        self.owned.apply(
             event,
             |s| Kept::from_secret(&s.metadata, s.data.as_ref(), OWNED_KEYS),
             |s| key_of(&s.metadata),
+            |_| true,
         );
-        if !gone.is_empty() {
-            self.owned_drops.fetch_add(1, Ordering::SeqCst);
-            self.listed_in.store(0, Ordering::SeqCst);
-        }
         if matches!(event, watcher::Event::InitDone) {
             self.synced.notify_waiters();
         }
@@ -322,7 +348,7 @@ impl SecretCache {
         kept.data
             .iter()
             .find(|(k, _)| &**k == lineage::KEY_SOURCE)
-            .and_then(|(_, v)| String::from_utf8(v.0.clone()).ok())
+            .and_then(|(_, v)| String::from_utf8(v.to_vec()).ok())
     }
 
     /// Whether this watch event shows exactly what the operator itself last wrote (nothing to do).
@@ -336,57 +362,61 @@ impl SecretCache {
             .is_some_and(|k| Some(&*k.meta.resource_version) == secret.metadata.resource_version.as_deref())
     }
 
-    /// Whether the kept copy of an owned Secret is one this process wrote itself (or read
-    /// consistently) in leadership term `epoch`; with no copy kept, whether the term's LIST
-    /// ([`Self::confirm_owned`]) showed there is none.
-    pub fn is_own_copy(&self, namespace: &str, name: &str, epoch: u64) -> bool {
-        if epoch == 0 {
-            return false;
-        }
-        match self.owned.map.read().unwrap().get(&key(namespace, name)) {
-            Some(kept) => kept.own == epoch,
-            None => self.listed_in.load(Ordering::SeqCst) == epoch,
-        }
+    /// The resourceVersion of the kept copy of an owned Secret if this process wrote it itself (or
+    /// read it consistently) in leadership term `epoch`: within that term it is the latest, as long
+    /// as it is the copy kept. `None`: no such copy (none kept, a watch copy, an earlier term's).
+    pub fn confirmed_version(&self, namespace: &str, name: &str, epoch: u64) -> Option<String> {
+        let owned = self.owned.map.read().unwrap();
+        let kept = owned.get(&key(namespace, name))?;
+        (epoch != 0 && kept.own == epoch).then(|| kept.meta.resource_version.to_string())
     }
 
-    /// The resourceVersion of the kept copy of an owned Secret (`None`: none kept).
-    pub fn owned_version(&self, namespace: &str, name: &str) -> Option<String> {
-        self.owned.map.read().unwrap().get(&key(namespace, name)).map(|k| k.meta.resource_version.to_string())
-    }
-
-    /// Confirms every copy of the operator's Secrets with one consistent LIST (by label, paged, one
-    /// snapshot), once per leadership term `epoch` (read before the call): each copy at the listed
-    /// version becomes an own copy of the term, and a Secret missing from the cache is added. A
-    /// copy newer than the LIST keeps its mark (an own write of this term is still one; anything
-    /// else needs its own read). Instead of a GET per grant before its first token request in a term.
+    /// Confirms the kept copies of the operator's Secrets with one consistent LIST (by label, paged,
+    /// one snapshot), once per leadership term `epoch` (read before the call): a copy kept at the
+    /// listed version becomes an own copy of the term. Nothing else changes: a copy at another
+    /// version, or a Secret not kept (deleted since the snapshot, or not delivered by the watch
+    /// yet), still needs its own read. Instead of a GET per grant before its first token request in
+    /// a term. A failed LIST is tried again after [`LIST_RETRY`] (reads fall back to GETs).
     pub async fn confirm_owned(&self, api: &Api<Secret>, epoch: u64) -> Result<(), kube::Error> {
         let _one = self.listing.lock().await;
-        if epoch == 0 || self.listed_in.load(Ordering::SeqCst) == epoch {
+        let failed_lately = |failed: &Option<(u64, tokio::time::Instant)>| {
+            failed.is_some_and(|(term, at)| term == epoch && at.elapsed() < LIST_RETRY)
+        };
+        if epoch == 0
+            || self.listed_in.load(Ordering::SeqCst) == epoch
+            || failed_lately(&self.list_failed.lock().unwrap())
+        {
             return Ok(());
         }
-        let drops = self.owned_drops.load(Ordering::SeqCst);
         let selector = format!("{}={}", super::LABEL_MANAGED_BY, super::MANAGER);
         let mut params = kube::api::ListParams::default().labels(&selector).limit(LIST_PAGE);
         loop {
-            let page = api.list(&params).await?;
+            let page = match api.list(&params).await {
+                Ok(page) => page,
+                Err(err) => {
+                    *self.list_failed.lock().unwrap() = Some((epoch, tokio::time::Instant::now()));
+                    return Err(err);
+                }
+            };
             for secret in &page.items {
-                self.wrote(secret, epoch);
+                self.confirm_listed(secret, epoch);
             }
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(token) => params = params.continue_token(&token),
                 None => break,
             }
         }
-        self.listed(epoch, drops);
+        self.listed_in.store(epoch, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Every Secret of a LIST in term `epoch` is recorded (begun when `drops` relists had dropped
-    /// copies): a Secret not kept now does not exist, unless a relist dropped copies meanwhile (it
-    /// may have dropped one the LIST brought in).
-    fn listed(&self, epoch: u64, drops: u64) {
-        if self.owned_drops.load(Ordering::SeqCst) == drops {
-            self.listed_in.store(epoch, Ordering::SeqCst);
+    /// A Secret of a consistent LIST in term `epoch`: the copy kept at its version is confirmed.
+    fn confirm_listed(&self, secret: &Secret, epoch: u64) {
+        let listed = secret.metadata.resource_version.as_deref().unwrap_or_default();
+        if let Some(kept) = self.owned.map.write().unwrap().get_mut(&key_of(&secret.metadata))
+            && &*kept.meta.resource_version == listed
+        {
+            kept.own = epoch;
         }
     }
 
@@ -400,7 +430,8 @@ impl SecretCache {
     /// term began may predate another leader's write).
     pub fn wrote(&self, secret: &Secret, epoch: u64) {
         let mut kept = Kept::from_secret(&secret.metadata, secret.data.as_ref(), OWNED_KEYS);
-        kept.own = epoch.max(1);
+        // Term 0 (a standby before its first Lease) never counts as own.
+        kept.own = epoch;
         self.owned.upsert(key_of(&secret.metadata), kept);
     }
 
@@ -416,8 +447,10 @@ impl SecretCache {
     }
 
     /// An operator-owned Secret (state or target) with the keys the controller reads, as the watch or
-    /// the operator's own last write left it; read with a GET only when the metadata watch shows a
-    /// newer version (or a Secret the owned watch has not delivered). `None`: it does not exist.
+    /// the operator's own last write left it; read with a GET only when the metadata watch shows it
+    /// unlabelled (at a newer version, or one the owned watch does not deliver). `None`: neither
+    /// watch shows it (a write then finds out with a conflict; a token request is preceded by a
+    /// consistent read, see [`Self::confirm_owned`]).
     pub async fn owned(&self, api: &Api<Secret>, namespace: &str, name: &str) -> Result<Option<Secret>, kube::Error> {
         let key = key(namespace, name);
         let kept = self.owned.map.read().unwrap().get(&key).cloned();
@@ -434,8 +467,7 @@ impl SecretCache {
         let Some(secret) = api.get_opt(name).await? else {
             return Ok(None);
         };
-        let managed = secret.labels().get(super::LABEL_MANAGED_BY).is_some_and(|v| v == super::MANAGER);
-        if managed {
+        if is_managed(&secret.metadata) {
             self.wrote(&secret, epoch);
         }
         Ok(Some(Kept::from_secret(&secret.metadata, secret.data.as_ref(), OWNED_KEYS).to_secret(namespace, name)))
@@ -574,10 +606,10 @@ mod tests {
         let s = cache.peek_owned("g-wgtwo-state").unwrap();
         assert_eq!(s.data.unwrap()["refresh_token"].0, b"new");
         assert!(cache.is_own_write(&written));
-        assert!(cache.is_own_copy("ns", "g-wgtwo-state", 1));
+        assert!(cache.confirmed_version("ns", "g-wgtwo-state", 1).is_some());
         // The watch delivers our write: still our own copy.
         cache.apply_owned(&watcher::Event::Apply(written.clone()));
-        assert!(cache.is_own_copy("ns", "g-wgtwo-state", 1));
+        assert!(cache.confirmed_version("ns", "g-wgtwo-state", 1).is_some());
         // Someone else wrote after us.
         cache.apply_owned(&watcher::Event::Apply(secret(
             "g-wgtwo-state",
@@ -587,7 +619,10 @@ mod tests {
         )));
         assert_eq!(cache.peek_owned("g-wgtwo-state").unwrap().data.unwrap()["refresh_token"].0, b"other");
         assert!(!cache.is_own_write(&written));
-        assert!(!cache.is_own_copy("ns", "g-wgtwo-state", 1), "another writer's copy must be confirmed before use");
+        assert!(
+            cache.confirmed_version("ns", "g-wgtwo-state", 1).is_none(),
+            "another writer's copy must be confirmed before use"
+        );
     }
 
     #[test]
@@ -598,63 +633,49 @@ mod tests {
             &secret("g-wgtwo-state", "20", Some("uid"), &[("refresh_token", "mine")]),
             epoch.load(Ordering::SeqCst),
         );
-        assert!(cache.is_own_copy("ns", "g-wgtwo-state", 3));
+        assert!(cache.confirmed_version("ns", "g-wgtwo-state", 3).is_some());
         // Lost the Lease and won it back: another leader may have written while this process's
         // watch was dead, so the copy needs a consistent read again.
         epoch.store(4, Ordering::SeqCst);
-        assert!(!cache.is_own_copy("ns", "g-wgtwo-state", 4));
+        assert!(cache.confirmed_version("ns", "g-wgtwo-state", 4).is_none());
         // An answer to a read sent in the old term, arriving in the new one, is not trusted either.
         cache.wrote(&secret("g-wgtwo-state", "21", Some("uid"), &[("refresh_token", "mine")]), 3);
-        assert!(!cache.is_own_copy("ns", "g-wgtwo-state", 4));
+        assert!(cache.confirmed_version("ns", "g-wgtwo-state", 4).is_none());
         // Read consistently in the new term: trusted again.
         cache.wrote(
             &secret("g-wgtwo-state", "21", Some("uid"), &[("refresh_token", "mine")]),
             epoch.load(Ordering::SeqCst),
         );
-        assert!(cache.is_own_copy("ns", "g-wgtwo-state", 4));
+        assert!(cache.confirmed_version("ns", "g-wgtwo-state", 4).is_some());
     }
 
     #[test]
-    fn a_terms_list_confirms_the_copies_it_shows_and_that_no_other_exists() {
-        let epoch = Arc::new(AtomicU64::new(2));
-        let cache = SecretCache::new(epoch.clone());
-        // The watch's copy, and one it has not delivered yet.
-        cache.apply_owned(&watcher::Event::Apply(secret("a-wgtwo-state", "5", Some("u"), &[("refresh_token", "a")])));
-        assert!(!cache.is_own_copy("ns", "a-wgtwo-state", 2), "a watch copy needs confirming");
-        assert!(!cache.is_own_copy("ns", "c-wgtwo-state", 2), "an absent one too");
-        // A newer copy from another writer, delivered before the LIST's answer is recorded.
-        cache.apply_owned(&watcher::Event::Apply(secret("b-wgtwo-state", "9", Some("u"), &[("refresh_token", "b2")])));
-        let drops = cache.owned_drops.load(Ordering::SeqCst);
-        for listed in [
-            secret("a-wgtwo-state", "5", Some("u"), &[("refresh_token", "a")]),
-            secret("b-wgtwo-state", "7", Some("u"), &[("refresh_token", "b1")]),
-            secret("d-wgtwo-state", "6", Some("u"), &[("refresh_token", "d")]),
-        ] {
-            cache.wrote(&listed, 2);
+    fn a_terms_list_confirms_only_the_copies_kept_at_the_listed_version() {
+        let cache = SecretCache::new(Arc::new(AtomicU64::new(2)));
+        let state = |name: &str, rv: &str| secret(name, rv, Some("u"), &[("refresh_token", name)]);
+        // The watch's copies; one it has not delivered yet; one that went meanwhile.
+        cache.apply_owned(&watcher::Event::Apply(state("a-wgtwo-state", "5")));
+        cache.apply_owned(&watcher::Event::Apply(state("b-wgtwo-state", "9")));
+        cache.apply_owned(&watcher::Event::Apply(state("c-wgtwo-state", "4")));
+        assert_eq!(cache.confirmed_version("ns", "a-wgtwo-state", 2), None, "a watch copy needs confirming");
+        for listed in [state("a-wgtwo-state", "5"), state("b-wgtwo-state", "7"), state("d-wgtwo-state", "6")] {
+            cache.confirm_listed(&listed, 2);
         }
-        cache.listed(2, drops);
-        assert!(cache.is_own_copy("ns", "a-wgtwo-state", 2), "listed at the kept version");
-        assert!(cache.is_own_copy("ns", "d-wgtwo-state", 2), "listed, not yet delivered by the watch");
-        assert_eq!(cache.owned_version("ns", "d-wgtwo-state").as_deref(), Some("6"));
-        assert!(!cache.is_own_copy("ns", "b-wgtwo-state", 2), "newer than the LIST: read it");
-        assert_eq!(cache.owned_version("ns", "b-wgtwo-state").as_deref(), Some("9"));
-        assert!(cache.is_own_copy("ns", "c-wgtwo-state", 2), "not in the LIST: it does not exist");
-        assert!(!cache.is_own_copy("ns", "c-wgtwo-state", 3), "in the next term, another LIST decides");
-        assert!(!cache.is_own_copy("ns", "a-wgtwo-state", 3));
-        // A relist of the owned watch that drops copies may drop one the LIST brought in.
-        for e in [watcher::Event::Init, watcher::Event::InitDone] {
-            cache.apply_owned(&e);
-        }
-        assert!(!cache.is_own_copy("ns", "a-wgtwo-state", 2), "dropped by the relist");
-        assert!(!cache.is_own_copy("ns", "c-wgtwo-state", 2), "absence is no longer known");
-        // A LIST during which a relist dropped copies does not vouch for absence either.
-        let drops = cache.owned_drops.load(Ordering::SeqCst);
-        cache.apply_owned(&watcher::Event::Apply(secret("e-wgtwo-state", "11", Some("u"), &[])));
-        for e in [watcher::Event::Init, watcher::Event::InitDone] {
-            cache.apply_owned(&e);
-        }
-        cache.listed(2, drops);
-        assert!(!cache.is_own_copy("ns", "c-wgtwo-state", 2));
+        cache.apply_owned(&watcher::Event::Delete(state("c-wgtwo-state", "4")));
+        cache.confirm_listed(&state("c-wgtwo-state", "4"), 2);
+        assert_eq!(
+            cache.confirmed_version("ns", "a-wgtwo-state", 2).as_deref(),
+            Some("5"),
+            "kept at the listed version"
+        );
+        assert_eq!(cache.confirmed_version("ns", "b-wgtwo-state", 2), None, "newer than the LIST: read it");
+        assert_eq!(cache.confirmed_version("ns", "d-wgtwo-state", 2), None, "not kept: read it");
+        assert!(cache.peek_owned("d-wgtwo-state").is_none(), "a LIST adds nothing");
+        assert!(cache.peek_owned("c-wgtwo-state").is_none(), "a LIST brings nothing deleted back");
+        assert_eq!(cache.confirmed_version("ns", "a-wgtwo-state", 3), None, "in the next term, confirmed again");
+        // A standby's own write (term 0) is not trusted in its first term.
+        cache.wrote(&state("e-wgtwo-state", "11"), 0);
+        assert_eq!(cache.confirmed_version("ns", "e-wgtwo-state", 1), None);
     }
 
     #[test]

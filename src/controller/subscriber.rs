@@ -113,25 +113,31 @@ impl Run<'_> {
         // a copy this process wrote itself in this leadership term is; any other (a watch event, a
         // copy from before another leader's term, or none at all) may lag a write of the previous
         // leader or process, and is confirmed by a consistent read: the term's one LIST of the
-        // operator's Secrets, or this Secret's own GET when the LIST could not confirm it.
+        // operator's Secrets, or this Secret's own GET when the LIST could not confirm it. Either
+        // way the version this reconcile decided on must be the confirmed one.
         let epoch = self.ctx.shared.leadership.epoch();
         let state_name = self.state_name();
-        if !self.ctx.cache.is_own_copy(&self.ns, &state_name, epoch) {
-            self.ctx.cache.confirm_owned(&self.ctx.owned_secrets(), epoch).await?;
-            let stored = match self.ctx.cache.is_own_copy(&self.ns, &state_name, epoch) {
-                true => self.ctx.cache.owned_version(&self.ns, &state_name),
-                false => {
-                    let stored = self.secrets.get_opt(&state_name).await?;
-                    if let Some(stored) = &stored {
-                        self.ctx.cache.wrote(stored, epoch);
-                    }
-                    stored.and_then(|s| s.resource_version())
-                }
-            };
-            if stored != state_secret.as_ref().and_then(|s| s.resource_version()) {
-                debug!("the cached state Secret was behind the stored one; deciding again");
-                return Ok(Action::requeue(outcome::AGAIN_SOON));
+        let cache = &self.ctx.cache;
+        let mut confirmed = cache.confirmed_version(&self.ns, &state_name, epoch);
+        if confirmed.is_none() {
+            if let Err(err) = cache.confirm_owned(&self.ctx.owned_secrets(), epoch).await {
+                warn!(error = %kube_message(&err), "could not LIST the operator's Secrets to confirm the cached copies; reading the state Secret instead");
             }
+            confirmed = cache.confirmed_version(&self.ns, &state_name, epoch);
+        }
+        let stored = match confirmed {
+            Some(version) => Some(version),
+            None => {
+                let stored = self.secrets.get_opt(&state_name).await?;
+                if let Some(stored) = &stored {
+                    cache.wrote(stored, epoch);
+                }
+                stored.and_then(|s| s.resource_version())
+            }
+        };
+        if stored != state_secret.as_ref().and_then(|s| s.resource_version()) {
+            debug!("the cached state Secret was behind the stored one; deciding again");
+            return Ok(Action::requeue(outcome::AGAIN_SOON));
         }
         // Checked after the last await before sending: a replica whose Lease may lapse before the
         // answer is persisted must not present the refresh token (the next leader would too).
