@@ -373,3 +373,27 @@ async fn discovery_unauthorized_client_invalid_scope_other_rejections_and_state_
     assert_eq!(env.hydra.token_requests(), baseline + 1, "only the unauthorized client's one request");
     assert_eq!((scope_stub.token_requests(), other_stub.token_requests()), (1, 1));
 }
+
+/// The operator reacts to someone else's change of a Secret it owns at once, not at the grant's
+/// next scheduled refresh: a target Secret whose access token was removed holds one again within
+/// seconds (tokens live an hour here, so only the change can have caused it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_secret_someone_else_changes_is_put_right_at_once() {
+    let mut env = Env::start(HydraOptions::default()).await;
+    env.create_authorized_grant("alice").await;
+    let _operator = env.start_operator();
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+    let published = env.secret_value("alice-token", "access_token").await.unwrap();
+    let patch = serde_json::json!({"data": {"access_token": null}});
+    env.secrets().patch("alice-token", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(token) = env.secret_value("alice-token", "access_token").await.filter(|t| !t.is_empty()) {
+            assert_ne!(token, published, "a new token is published");
+            assert!(env.active(&token).await);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the target Secret was not put right within 15 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

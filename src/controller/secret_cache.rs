@@ -379,6 +379,11 @@ impl SecretCache {
     /// a term. A failed LIST is tried again after [`LIST_RETRY`] (reads fall back to GETs).
     pub async fn confirm_owned(&self, api: &Api<Secret>, epoch: u64) -> Result<(), kube::Error> {
         let _one = self.listing.lock().await;
+        // Begun for a term that has ended (it waited for another LIST): it could only undo the
+        // confirmations of the new one.
+        if epoch != self.epoch() {
+            return Ok(());
+        }
         let failed_lately = |failed: &Option<(u64, tokio::time::Instant)>| {
             failed.is_some_and(|(term, at)| term == epoch && at.elapsed() < LIST_RETRY)
         };
@@ -406,7 +411,7 @@ impl SecretCache {
                 None => break,
             }
         }
-        self.listed_in.store(epoch, Ordering::SeqCst);
+        self.listed_in.fetch_max(epoch, Ordering::SeqCst);
         Ok(())
     }
 
@@ -416,7 +421,7 @@ impl SecretCache {
         if let Some(kept) = self.owned.map.write().unwrap().get_mut(&key_of(&secret.metadata))
             && &*kept.meta.resource_version == listed
         {
-            kept.own = epoch;
+            kept.own = kept.own.max(epoch);
         }
     }
 
@@ -429,10 +434,17 @@ impl SecretCache {
     /// in leadership term `epoch` (read before it was sent: an answer that arrives after a new
     /// term began may predate another leader's write).
     pub fn wrote(&self, secret: &Secret, epoch: u64) {
+        let key = key_of(&secret.metadata);
+        // Only what the owned watch also delivers: a copy of an unlabelled Secret would never be
+        // updated by it and stay confirmed at an old version for the rest of the term.
+        if !is_managed(&secret.metadata) {
+            self.owned.map.write().unwrap().remove(&key);
+            return;
+        }
         let mut kept = Kept::from_secret(&secret.metadata, secret.data.as_ref(), OWNED_KEYS);
         // Term 0 (a standby before its first Lease) never counts as own.
         kept.own = epoch;
-        self.owned.upsert(key_of(&secret.metadata), kept);
+        self.owned.upsert(key, kept);
     }
 
     /// The metadata of any Secret in scope (`None`: it does not exist).
@@ -578,6 +590,21 @@ mod tests {
         s
     }
 
+    /// A Secret labelled as the operator's (a state or target Secret).
+    fn managed(name: &str, rv: &str, data: &[(&str, &str)]) -> Secret {
+        let mut s = secret(name, rv, None, data);
+        s.metadata.owner_references = Some(vec![OwnerReference {
+            uid: "uid".into(),
+            controller: Some(true),
+            kind: "WgtwoGrant".into(),
+            api_version: "auth.wgtwo.com/v1alpha1".into(),
+            ..Default::default()
+        }]);
+        s.metadata.labels =
+            Some([(super::super::LABEL_MANAGED_BY.to_owned(), super::super::MANAGER.to_owned())].into());
+        s
+    }
+
     fn meta(s: &Secret) -> PartialObjectMeta<Secret> {
         PartialObjectMeta { types: None, metadata: s.metadata.clone(), _phantom: Default::default() }
     }
@@ -594,15 +621,10 @@ mod tests {
     #[test]
     fn an_own_write_wins_over_an_older_watch_event_and_yields_to_a_newer_one() {
         let cache = SecretCache::default();
-        let written = secret("g-wgtwo-state", "20", Some("uid"), &[("refresh_token", "new")]);
+        let written = managed("g-wgtwo-state", "20", &[("refresh_token", "new")]);
         cache.wrote(&written, 1);
         // The watch delivers the version before our write only now.
-        cache.apply_owned(&watcher::Event::Apply(secret(
-            "g-wgtwo-state",
-            "15",
-            Some("uid"),
-            &[("refresh_token", "old")],
-        )));
+        cache.apply_owned(&watcher::Event::Apply(managed("g-wgtwo-state", "15", &[("refresh_token", "old")])));
         let s = cache.peek_owned("g-wgtwo-state").unwrap();
         assert_eq!(s.data.unwrap()["refresh_token"].0, b"new");
         assert!(cache.is_own_write(&written));
@@ -611,12 +633,7 @@ mod tests {
         cache.apply_owned(&watcher::Event::Apply(written.clone()));
         assert!(cache.confirmed_version("ns", "g-wgtwo-state", 1).is_some());
         // Someone else wrote after us.
-        cache.apply_owned(&watcher::Event::Apply(secret(
-            "g-wgtwo-state",
-            "25",
-            Some("uid"),
-            &[("refresh_token", "other")],
-        )));
+        cache.apply_owned(&watcher::Event::Apply(managed("g-wgtwo-state", "25", &[("refresh_token", "other")])));
         assert_eq!(cache.peek_owned("g-wgtwo-state").unwrap().data.unwrap()["refresh_token"].0, b"other");
         assert!(!cache.is_own_write(&written));
         assert!(
@@ -629,30 +646,24 @@ mod tests {
     fn an_own_copy_from_an_earlier_leadership_term_is_not_trusted() {
         let epoch = Arc::new(AtomicU64::new(3));
         let cache = SecretCache::new(epoch.clone());
-        cache.wrote(
-            &secret("g-wgtwo-state", "20", Some("uid"), &[("refresh_token", "mine")]),
-            epoch.load(Ordering::SeqCst),
-        );
+        cache.wrote(&managed("g-wgtwo-state", "20", &[("refresh_token", "mine")]), epoch.load(Ordering::SeqCst));
         assert!(cache.confirmed_version("ns", "g-wgtwo-state", 3).is_some());
         // Lost the Lease and won it back: another leader may have written while this process's
         // watch was dead, so the copy needs a consistent read again.
         epoch.store(4, Ordering::SeqCst);
         assert!(cache.confirmed_version("ns", "g-wgtwo-state", 4).is_none());
         // An answer to a read sent in the old term, arriving in the new one, is not trusted either.
-        cache.wrote(&secret("g-wgtwo-state", "21", Some("uid"), &[("refresh_token", "mine")]), 3);
+        cache.wrote(&managed("g-wgtwo-state", "21", &[("refresh_token", "mine")]), 3);
         assert!(cache.confirmed_version("ns", "g-wgtwo-state", 4).is_none());
         // Read consistently in the new term: trusted again.
-        cache.wrote(
-            &secret("g-wgtwo-state", "21", Some("uid"), &[("refresh_token", "mine")]),
-            epoch.load(Ordering::SeqCst),
-        );
+        cache.wrote(&managed("g-wgtwo-state", "21", &[("refresh_token", "mine")]), epoch.load(Ordering::SeqCst));
         assert!(cache.confirmed_version("ns", "g-wgtwo-state", 4).is_some());
     }
 
     #[test]
     fn a_terms_list_confirms_only_the_copies_kept_at_the_listed_version() {
         let cache = SecretCache::new(Arc::new(AtomicU64::new(2)));
-        let state = |name: &str, rv: &str| secret(name, rv, Some("u"), &[("refresh_token", name)]);
+        let state = |name: &str, rv: &str| managed(name, rv, &[("refresh_token", name)]);
         // The watch's copies; one it has not delivered yet; one that went meanwhile.
         cache.apply_owned(&watcher::Event::Apply(state("a-wgtwo-state", "5")));
         cache.apply_owned(&watcher::Event::Apply(state("b-wgtwo-state", "9")));
@@ -676,6 +687,32 @@ mod tests {
         // A standby's own write (term 0) is not trusted in its first term.
         cache.wrote(&state("e-wgtwo-state", "11"), 0);
         assert_eq!(cache.confirmed_version("ns", "e-wgtwo-state", 1), None);
+        // A LIST of an earlier term that finishes late does not take a newer term's mark away.
+        cache.wrote(&state("f-wgtwo-state", "12"), 3);
+        cache.confirm_listed(&state("f-wgtwo-state", "12"), 2);
+        assert_eq!(cache.confirmed_version("ns", "f-wgtwo-state", 3).as_deref(), Some("12"));
+    }
+
+    #[test]
+    fn the_operators_own_secrets_are_kept_once_and_an_unlabelled_read_is_not_kept_as_one() {
+        let cache = SecretCache::new(Arc::new(AtomicU64::new(1)));
+        let state = managed("g-wgtwo-state", "5", &[("refresh_token", "rt")]);
+        cache.apply_meta(&watcher::Event::Apply(meta(&state)));
+        cache.apply_owned(&watcher::Event::Apply(state.clone()));
+        assert_eq!(cache.sizes().0, 0, "the metadata cache leaves it to the owned cache");
+        assert_eq!(cache.meta("ns", "g-wgtwo-state").unwrap().resource_version.as_ref(), "5");
+        assert!(cache.is_operators("ns", "g-wgtwo-state"));
+        // Its label removed: the owned watch drops it, the metadata watch keeps it now.
+        let mut unlabelled = state.clone();
+        unlabelled.metadata.labels = None;
+        unlabelled.metadata.resource_version = Some("6".into());
+        cache.apply_owned(&watcher::Event::Delete(state));
+        cache.apply_meta(&watcher::Event::Apply(meta(&unlabelled)));
+        assert!(cache.is_operators("ns", "g-wgtwo-state"), "still owned by a grant");
+        // A consistent read of it is not kept as an own copy: the owned watch would never update it.
+        cache.wrote(&unlabelled, 1);
+        assert!(cache.peek_owned("g-wgtwo-state").is_none());
+        assert_eq!(cache.confirmed_version("ns", "g-wgtwo-state", 1), None);
     }
 
     #[test]

@@ -120,19 +120,29 @@ pub async fn run(
         });
     // The operator's own Secrets (state and target) with their data, kept as the few keys it reads.
     let (owned_cache, owned_done) = (cache.clone(), mark_synced);
-    let own_writes = cache.clone();
     let owned_changes = watcher(secrets, watch_config().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}")))
         .default_backoff()
         .modify(secret_cache::strip)
-        .inspect_ok(move |event| {
-            owned_cache.apply_owned(event);
-            if matches!(event, watcher::Event::InitDone) {
-                owned_done();
+        .map_ok(move |event| {
+            // A change someone else made triggers its grant; what the cache holds already (the
+            // operator's own write) needs no second look: decided before the event is applied,
+            // which makes it so. A (re)list triggers nothing (at a start every grant is looked at).
+            let known = match &event {
+                watcher::Event::Apply(s) => owned_cache.is_own_write(s),
+                _ => false,
+            };
+            owned_cache.apply_owned(&event);
+            match event {
+                watcher::Event::Apply(s) if !known => Some(s),
+                watcher::Event::Delete(s) => Some(s),
+                watcher::Event::InitDone => {
+                    owned_done();
+                    None
+                }
+                _ => None,
             }
         })
-        .touched_objects()
-        // What the operator itself just wrote needs no second look.
-        .try_filter(move |s| std::future::ready(!own_writes.is_own_write(s)));
+        .try_filter_map(|changed| std::future::ready(Ok(changed)));
     let by_meta = index;
     controller
         .watches_stream(secret_changes, move |secret| users_of(&by_meta, &secret.namespace(), &secret.name_any()))
