@@ -53,13 +53,17 @@ pub trait GrantSnapshot: Send + Sync {
         self.len() == 0
     }
     /// Calls `each` with the samples of the grants at `range` (a chunk: the source may hold a
-    /// lock meanwhile).
-    fn visit(&self, range: Range<usize>, each: &mut dyn FnMut(GrantSample<'_>));
+    /// lock meanwhile); their `refreshes` only if `refreshes` (else zero: they are looked up
+    /// elsewhere).
+    fn visit(&self, range: Range<usize>, refreshes: bool, each: &mut dyn FnMut(GrantSample<'_>));
 }
 
 /// Grants encoded per chunk of a scrape: small enough to keep a scrape's transient memory to a few
 /// hundred KiB, large enough that a lock per chunk costs nothing.
 const CHUNK: usize = 1000;
+
+/// The index in [`GRANT_FAMILIES`] of the only family that needs the refresh counts.
+const REFRESH_FAMILY: usize = 2;
 
 /// The per-grant families: (name, help, type).
 const GRANT_FAMILIES: [(&str, &str, &str); 3] = [
@@ -294,7 +298,8 @@ impl Metrics {
                 if chunk == 0 {
                     family_header(&mut out, family);
                 }
-                snapshot.visit(range, &mut |sample| encode_sample(&mut out, family, &sample));
+                let refreshes = family == REFRESH_FAMILY;
+                snapshot.visit(range, refreshes, &mut |sample| encode_sample(&mut out, family, &sample));
                 out
             })
         });
@@ -308,7 +313,7 @@ impl GrantSnapshot for NoGrants {
     fn len(&self) -> usize {
         0
     }
-    fn visit(&self, _: Range<usize>, _: &mut dyn FnMut(GrantSample<'_>)) {}
+    fn visit(&self, _: Range<usize>, _: bool, _: &mut dyn FnMut(GrantSample<'_>)) {}
 }
 
 /// `# HELP` and `# TYPE` of a per-grant family. The families are written here rather than through
@@ -387,7 +392,7 @@ mod tests {
         fn len(&self) -> usize {
             self.0.len()
         }
-        fn visit(&self, range: Range<usize>, each: &mut dyn FnMut(GrantSample<'_>)) {
+        fn visit(&self, range: Range<usize>, _: bool, each: &mut dyn FnMut(GrantSample<'_>)) {
             for Owned(namespace, name, ready, expires_at, refreshes) in &self.0[range] {
                 each(GrantSample { namespace, name, ready: *ready, expires_at: *expires_at, refreshes: *refreshes });
             }

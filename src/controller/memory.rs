@@ -195,9 +195,9 @@ impl Memory {
     }
 
     /// The renewal counts of these grants (zero for one never counted), under one lock.
-    pub fn refresh_counts<'a>(&self, keys: impl Iterator<Item = &'a ObjectRef<WgtwoGrant>>) -> Vec<[u32; 3]> {
+    pub fn refresh_counts(&self, keys: impl Iterator<Item = ObjectRef<WgtwoGrant>>) -> Vec<[u32; 3]> {
         let grants = self.grants.lock().unwrap();
-        keys.map(|k| grants.get(k).map_or([0; 3], |m| m.refreshes)).collect()
+        keys.map(|k| grants.get(&k).map_or([0; 3], |m| m.refreshes)).collect()
     }
 
     /// A failed token request was recorded in the status.

@@ -379,18 +379,11 @@ impl SecretCache {
     /// a term. A failed LIST is tried again after [`LIST_RETRY`] (reads fall back to GETs).
     pub async fn confirm_owned(&self, api: &Api<Secret>, epoch: u64) -> Result<(), kube::Error> {
         let _one = self.listing.lock().await;
-        // Begun for a term that has ended (it waited for another LIST): it could only undo the
-        // confirmations of the new one.
-        if epoch != self.epoch() {
-            return Ok(());
-        }
-        let failed_lately = |failed: &Option<(u64, tokio::time::Instant)>| {
-            failed.is_some_and(|(term, at)| term == epoch && at.elapsed() < LIST_RETRY)
-        };
-        if epoch == 0
-            || self.listed_in.load(Ordering::SeqCst) == epoch
-            || failed_lately(&self.list_failed.lock().unwrap())
-        {
+        // Not for a term that has ended (it waited for another LIST: it could only undo the new
+        // term's confirmations), nor again in a term that had its LIST or a failed one lately.
+        let failed_lately =
+            self.list_failed.lock().unwrap().is_some_and(|(term, at)| term == epoch && at.elapsed() < LIST_RETRY);
+        if epoch == 0 || epoch != self.epoch() || self.listed_in.load(Ordering::SeqCst) == epoch || failed_lately {
             return Ok(());
         }
         let selector = format!("{}={}", super::LABEL_MANAGED_BY, super::MANAGER);
@@ -479,9 +472,7 @@ impl SecretCache {
         let Some(secret) = api.get_opt(name).await? else {
             return Ok(None);
         };
-        if is_managed(&secret.metadata) {
-            self.wrote(&secret, epoch);
-        }
+        self.wrote(&secret, epoch);
         Ok(Some(Kept::from_secret(&secret.metadata, secret.data.as_ref(), OWNED_KEYS).to_secret(namespace, name)))
     }
 

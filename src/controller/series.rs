@@ -4,12 +4,11 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector;
 
 use super::grant::Grant;
 use super::memory::Memory;
 use super::status;
-use crate::api::WgtwoGrant;
 use crate::metrics::{GrantSample, GrantSeries, GrantSnapshot};
 
 pub(super) struct Series {
@@ -44,10 +43,12 @@ impl GrantSnapshot for Snapshot {
         self.grants.len()
     }
 
-    fn visit(&self, range: Range<usize>, each: &mut dyn FnMut(GrantSample<'_>)) {
+    fn visit(&self, range: Range<usize>, refreshes: bool, each: &mut dyn FnMut(GrantSample<'_>)) {
         let grants = &self.grants[range];
-        let keys: Vec<ObjectRef<WgtwoGrant>> = grants.iter().map(|g| g.key()).collect();
-        let counts = self.memory.refresh_counts(keys.iter());
+        let counts = match refreshes {
+            true => self.memory.refresh_counts(grants.iter().map(|g| g.key())),
+            false => vec![[0; 3]; grants.len()],
+        };
         for (grant, refreshes) in grants.iter().zip(counts) {
             let status = grant.status.as_ref();
             each(GrantSample {

@@ -123,7 +123,7 @@ pub async fn run(
     let owned_changes = watcher(secrets, watch_config().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}")))
         .default_backoff()
         .modify(secret_cache::strip)
-        .map_ok(move |event| {
+        .try_filter_map(move |event| {
             // A change someone else made triggers its grant; what the cache holds already (the
             // operator's own write) needs no second look: decided before the event is applied,
             // which makes it so. A (re)list triggers nothing (at a start every grant is looked at).
@@ -132,7 +132,7 @@ pub async fn run(
                 _ => false,
             };
             owned_cache.apply_owned(&event);
-            match event {
+            std::future::ready(Ok(match event {
                 watcher::Event::Apply(s) if !known => Some(s),
                 watcher::Event::Delete(s) => Some(s),
                 watcher::Event::InitDone => {
@@ -140,9 +140,8 @@ pub async fn run(
                     None
                 }
                 _ => None,
-            }
-        })
-        .try_filter_map(|changed| std::future::ready(Ok(changed)));
+            }))
+        });
     let by_meta = index;
     controller
         .watches_stream(secret_changes, move |secret| users_of(&by_meta, &secret.namespace(), &secret.name_any()))
