@@ -77,6 +77,23 @@ impl Grant {
     }
 }
 
+/// The newer of two copies of a grant: the one a reconcile was dispatched with, and the cache's
+/// copy now (the same object, by uid, at an equal or later resourceVersion).
+pub fn newest<'a>(dispatched: &'a Grant, now: Option<&'a Grant>) -> &'a Grant {
+    fn version(g: &Grant) -> &str {
+        g.metadata.resource_version.as_deref().unwrap_or_default()
+    }
+    match now {
+        Some(now)
+            if now.metadata.uid == dispatched.metadata.uid
+                && super::secret_cache::at_least_as_new(version(now), version(dispatched)) =>
+        {
+            now
+        }
+        _ => dispatched,
+    }
+}
+
 impl From<WgtwoGrant> for Grant {
     fn from(grant: WgtwoGrant) -> Self {
         let WgtwoGrant { metadata, spec, status } = grant;
@@ -208,6 +225,32 @@ mod tests {
         assert_eq!(grant.spec.grant_type(), GRANT_TYPE_REFRESH_TOKEN);
         assert_eq!(grant.status.unwrap().failed_attempts, Some(1));
         assert_eq!(Grant::url_path(&(), Some("ns")), WgtwoGrant::url_path(&(), Some("ns")));
+    }
+
+    fn copy(uid: &str, version: &str, handled: &str) -> Grant {
+        Grant::from(wgtwo_grant(serde_json::json!({
+            "apiVersion": "auth.wgtwo.com/v1alpha1", "kind": "WgtwoGrant",
+            "metadata": {"name": "alice", "namespace": "ns", "uid": uid, "resourceVersion": version},
+            "spec": {"issuerUrl": "https://id.example", "clientSecretRef": {"name": "client"},
+                     "target": {"secretName": "alice-token"}},
+            "status": {"refreshRequestHandled": handled}
+        })))
+    }
+
+    fn handled(grant: &Grant) -> &str {
+        grant.status.as_ref().unwrap().refresh_request_handled.as_deref().unwrap()
+    }
+
+    #[test]
+    fn the_newest_copy_is_the_caches_when_it_is_the_same_grant_at_a_later_version() {
+        let dispatched = copy("u1", "10", "first");
+        // The watch delivered the status that handled the second request after the dispatch.
+        assert_eq!(handled(newest(&dispatched, Some(&copy("u1", "12", "second")))), "second");
+        assert_eq!(handled(newest(&dispatched, Some(&copy("u1", "10", "same")))), "same");
+        // Never an older copy, another grant of the same name, or nothing.
+        assert_eq!(handled(newest(&dispatched, Some(&copy("u1", "9", "older")))), "first");
+        assert_eq!(handled(newest(&dispatched, Some(&copy("u2", "12", "recreated")))), "first");
+        assert_eq!(handled(newest(&dispatched, None)), "first");
     }
 
     #[test]

@@ -104,20 +104,20 @@ impl Run<'_> {
     /// The backoff after failed attempts: the status keeps it across restarts and leaders; this
     /// process's own last write covers the moment the cached status is older than that write.
     pub(super) fn retry_not_before(&self) -> Option<Timestamp> {
-        let stored = status::retry_not_before(self.grant.status.as_ref(), self.grant.metadata.generation);
+        let stored = status::retry_not_before(self.current_status().as_ref(), self.grant.metadata.generation);
         stored.max(self.own_failure().map(|f| f.next_attempt))
     }
 
     /// Failed token requests in a row, by the same two sources.
     pub(super) fn failed_attempts(&self) -> u32 {
-        let stored = self.grant.status.as_ref().and_then(|s| s.failed_attempts).unwrap_or(0);
+        let stored = self.current_status().and_then(|s| s.failed_attempts).unwrap_or(0);
         stored.max(self.own_failure().map_or(0, |f| f.attempts))
     }
 
     /// This process's last recorded failure, unless the status shows a refresh since (e.g. by
     /// another leader).
     pub(super) fn own_failure(&self) -> Option<Failure> {
-        let refreshed = self.grant.status.as_ref().and_then(|s| s.last_refresh_time.as_ref()).map(|t| t.0);
+        let refreshed = self.current_status().and_then(|s| s.last_refresh_time).map(|t| t.0);
         self.ctx
             .memory
             .failure(&self.key, self.grant.metadata.generation)
@@ -152,8 +152,8 @@ impl Run<'_> {
 
     pub(super) async fn input_problem(&self, why: &'static str, message: String) -> Result<Action, Error> {
         self.ctx.shared.metrics.reconcile_error(why);
-        let changed =
-            status::previous_ready(self.grant.status.as_ref()).is_none_or(|c| c.reason != why || c.message != message);
+        let changed = status::previous_ready(self.current_status().as_ref())
+            .is_none_or(|c| c.reason != why || c.message != message);
         if changed {
             self.event(EventType::Warning, why, message.clone()).await;
         }
@@ -202,13 +202,12 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// The grant's status as stored: the cached one, or this process's own last write when the
-    /// cache has not caught up with it yet.
+    /// The grant's status as stored: this process's own last write while the cache has not caught
+    /// up with it, else the cached one as it is now. Not this reconcile's copy of the grant: that
+    /// is from when it was dispatched, and the watch may have delivered (and the memory dropped) a
+    /// newer status since, e.g. the one that records a refresh request as handled.
     pub(super) fn current_status(&self) -> Option<WgtwoGrantStatus> {
-        self.ctx
-            .memory
-            .own_status(&self.key, self.grant.resource_version().as_deref())
-            .or_else(|| self.grant.status.clone())
+        status_now(&self.ctx.memory, &self.key, self.grant, || self.ctx.cached(&self.key))
     }
 
     pub(super) fn valid_message(&self, expires_at: Timestamp) -> String {
@@ -264,5 +263,58 @@ pub(super) fn normal_event(
         reporting_instance: Some(crate::kubeapi::pod_name().unwrap_or_else(|| MANAGER.into())),
         type_: Some("Normal".into()),
         ..Default::default()
+    }
+}
+
+/// [`Run::current_status`] of a reconcile dispatched with `dispatched`; `cached` reads the cache's
+/// copy now.
+fn status_now(
+    memory: &Memory,
+    key: &ObjectRef<WgtwoGrant>,
+    dispatched: &Grant,
+    cached: impl FnOnce() -> Option<Arc<Grant>>,
+) -> Option<WgtwoGrantStatus> {
+    // The memory first: it is dropped only once the cache holds the write, so when it is gone the
+    // cache's copy now is at least as new.
+    let own = memory.own_status(key, dispatched.resource_version().as_deref());
+    own.or_else(|| grant::newest(dispatched, cached().as_deref()).status.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn copy(version: &str, handled: &str) -> Grant {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "auth.wgtwo.com/v1alpha1", "kind": "WgtwoGrant",
+            "metadata": {"name": "g", "namespace": "ns", "uid": "u1", "resourceVersion": version},
+            "spec": {"issuerUrl": "https://id.example", "clientSecretRef": {"name": "client"},
+                     "target": {"secretName": "g-token"}},
+            "status": {"refreshRequestHandled": handled}
+        }))
+        .unwrap()
+    }
+
+    fn handled(status: Option<WgtwoGrantStatus>) -> Option<String> {
+        status.and_then(|s| s.refresh_request_handled)
+    }
+
+    #[test]
+    fn a_reconcile_dispatched_before_its_last_status_write_showed_sees_that_write() {
+        let memory = Memory::new(Metrics::new());
+        let key = ObjectRef::new("g").within("ns");
+        // A reconcile handled request "second" and wrote the status at version 12; the next one
+        // for the grant was dispatched with the cache's copy at 10, from before that write.
+        let dispatched = copy("10", "first");
+        memory.wrote_status(&key, "12".into(), copy("12", "second").status.unwrap());
+        let now = Arc::new(copy("12", "second"));
+        assert_eq!(handled(status_now(&memory, &key, &dispatched, || Some(now.clone()))).as_deref(), Some("second"));
+        // Then the watch delivers version 12, which drops the memory of the write: the cache's
+        // copy now still shows it, not the dispatched one.
+        memory.own_status(&key, Some("12"));
+        assert_eq!(handled(status_now(&memory, &key, &dispatched, || Some(now.clone()))).as_deref(), Some("second"));
+        // A grant deleted from the cache meanwhile: the dispatched copy.
+        assert_eq!(handled(status_now(&memory, &key, &dispatched, || None)).as_deref(), Some("first"));
     }
 }

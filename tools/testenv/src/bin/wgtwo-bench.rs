@@ -924,7 +924,12 @@ async fn main() -> anyhow::Result<()> {
     op.stop()?;
     checks.check(format!("no refresh token presented twice ({reused})"), reused == 0);
     let all = checks.report();
-    anyhow::ensure!(all || !bench.args.check, "a target was missed");
+    let check = bench.args.check;
+    if !all {
+        // The operators' logs say why: kept for a look after the run.
+        println!("    operator logs kept in {}", bench.dir.keep().display());
+    }
+    anyhow::ensure!(all || !check, "a target was missed");
     println!("\n==> done");
     Ok(())
 }
