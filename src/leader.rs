@@ -121,18 +121,22 @@ impl Leadership {
         })
     }
 
-    fn set_until(&self, until: Instant) {
+    /// Records the Lease held until `until`; returns whether that begins a new term.
+    fn set_until(&self, until: Instant) -> bool {
+        let mut new_term = false;
         self.held_until.send_if_modified(|held| match held {
             Held::Until(u) => {
                 // Not held until now: a new term, begun before anyone can see the Lease held.
                 if u.is_none_or(|u| u <= Instant::now()) {
                     self.epoch.fetch_add(1, Ordering::SeqCst);
+                    new_term = true;
                 }
                 *u = Some(until);
                 true
             }
             _ => false,
         });
+        new_term
     }
 
     fn give_up(&self) {
@@ -226,19 +230,25 @@ impl LeaseElector {
         let mut held_until: Option<Instant> = None;
         loop {
             let sent = Instant::now();
+            let mut new_term = false;
             match self.tick(&mut observed).await {
                 Ok(true) => {
                     held_until = Some(sent + self.config.lease_duration);
-                    self.leadership.set_until(sent + self.config.lease_duration);
+                    new_term = self.leadership.set_until(sent + self.config.lease_duration);
                 }
                 Ok(false) => held_until = None,
                 Err(err) => warn!(error = %err, lease = %self.config.name, "leader election: Lease request failed"),
             }
             let leader = self.leadership.is_leader();
-            if leader != was_leader {
-                was_leader = leader;
+            // A new term counts as becoming the leader even when no sample saw the last one lapse
+            // (a renewal that hung past the Lease's end, then succeeded): reconciles in the gap
+            // found no leader and wait for this pass.
+            if leader != was_leader || (leader && new_term) {
                 self.leadership.leading.send_replace(leader);
-                self.announce(leader).await;
+                if leader != was_leader {
+                    self.announce(leader).await;
+                }
+                was_leader = leader;
             }
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -415,18 +425,19 @@ mod tests {
     fn each_acquisition_of_the_lease_begins_a_new_term_and_renewals_do_not() {
         let leadership = Leadership::elected();
         let start = leadership.epoch();
-        leadership.set_until(Instant::now() + Duration::from_secs(10));
+        assert!(leadership.set_until(Instant::now() + Duration::from_secs(10)));
         let first = leadership.epoch();
         assert!(first > start);
-        leadership.set_until(Instant::now() + Duration::from_secs(11));
+        assert!(!leadership.set_until(Instant::now() + Duration::from_secs(11)));
         assert_eq!(leadership.epoch(), first, "a renewal is the same term");
         leadership.give_up();
-        leadership.set_until(Instant::now() + Duration::from_secs(10));
+        assert!(leadership.set_until(Instant::now() + Duration::from_secs(10)));
         assert!(leadership.epoch() > first, "won back after losing it: a new term");
-        // Lapsed without a give_up (renewals failed until it expired), then won back.
+        // Lapsed without a give_up (a renewal that hung past the Lease's end, then succeeded):
+        // a new term, which the election loop announces as becoming the leader.
         let second = leadership.epoch();
         leadership.set_until(Instant::now() - Duration::from_millis(1));
-        leadership.set_until(Instant::now() + Duration::from_secs(10));
+        assert!(leadership.set_until(Instant::now() + Duration::from_secs(10)));
         assert!(leadership.epoch() > second);
     }
 

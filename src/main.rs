@@ -198,6 +198,11 @@ struct RunArgs {
     /// While one is unwritten, the Lease is not released: the standby waits for it to expire.
     #[arg(long, default_value = "25s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
+    /// Begin each watch with a streaming list (the WatchList feature, on by default in Kubernetes
+    /// 1.32 and since 1.34) instead of a LIST in pages of 500. The apiserver refuses it where the
+    /// feature is off, and the watches then never sync (the readiness probe stays failed).
+    #[arg(long)]
+    streaming_lists: bool,
     /// Write each refresh answer to a journal in this directory before anything else, and replay
     /// it on start: a container killed after a token answer arrived and before the state Secret
     /// held its rotated refresh token keeps that grant when it restarts in the same pod. Use a
@@ -297,6 +302,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 concurrency: a.concurrency,
                 template_metadata_prefixes: a.template_metadata_prefixes,
                 shutdown_timeout: a.shutdown_timeout,
+                streaming_lists: a.streaming_lists,
             };
             let election = a.leader_elect.then_some(Election {
                 namespace: a.leader_election_namespace,

@@ -299,6 +299,61 @@ async fn a_rotated_refresh_token_that_cannot_be_persisted_is_kept_in_memory_unti
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requested_refresh_whose_status_cannot_be_written_is_not_repeated() {
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    let mut env = Env::start(ttl(3600)).await;
+    env.create_authorized_grant("alice").await;
+    let _operator = env.start_operator();
+    env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
+
+    // The apiserver refuses every status write of the grant, as an outage or a bad webhook would.
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "freeze-status"},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{"apiGroups": ["auth.wgtwo.com"], "apiVersions": ["*"], "operations": ["UPDATE"], "resources": ["wgtwogrants/status"]}]},
+            "validations": [{"expression": "object.metadata.name != 'alice'", "message": "frozen by the test"}],
+        }
+    }))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "freeze-status"},
+        "spec": {"policyName": "freeze-status", "validationActions": ["Deny"]}
+    }))
+    .unwrap();
+    let policies: kube::Api<ValidatingAdmissionPolicy> = kube::Api::all(env.kube.clone());
+    let bindings: kube::Api<ValidatingAdmissionPolicyBinding> = kube::Api::all(env.kube.clone());
+    policies.create(&Default::default(), &policy).await.unwrap();
+    bindings.create(&Default::default(), &binding).await.unwrap();
+    // Policies take effect asynchronously: wait until a status write (changing nothing) is refused.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let probe = serde_json::json!({"status": {"grantType": "refresh_token"}});
+    while env.grants().patch_status("alice", &PatchParams::default(), &Patch::Merge(&probe)).await.is_ok() {
+        assert!(Instant::now() < deadline, "the admission policy never took effect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let requests = env.hydra.token_requests();
+    env.request_refresh("alice", "once").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.hydra.token_requests() == requests {
+        assert!(Instant::now() < deadline, "the requested refresh never happened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The state and target Secrets hold the answer; the status that records the request as
+    // handled keeps failing. Its retries must not refresh again.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(env.hydra.token_requests(), requests + 1, "refreshed again while the status could not be written");
+
+    bindings.delete("freeze-status", &Default::default()).await.unwrap();
+    policies.delete("freeze-status", &Default::default()).await.unwrap();
+    env.wait_refresh_handled("alice", "once", Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(env.hydra.token_requests(), requests + 1, "one request, one refresh");
+    assert!(env.live_token_is_active("alice").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_unauthorized_client_invalid_scope_other_rejections_and_state_conflicts_each_have_their_reason() {
     use wgtwo_testenv::{Fault, FaultServer};
     let mut env = Env::start(ttl(3600)).await;

@@ -10,14 +10,14 @@ impl Run<'_> {
         &self,
         inputs: &inputs::Inputs,
         target_secret: Option<Secret>,
-    ) -> Result<Action, Error> {
+    ) -> Result<Next, Error> {
         let now = Timestamp::now();
         let published = target_secret.as_ref().and_then(target::published_token);
         match self.decide(now, published, false) {
             Decision::WaitUntil(at) => self.keep_until(now, published, target_secret.as_ref(), at).await,
             Decision::BackingOff(at) => {
                 debug!(next_attempt = %at, "backing off after failed attempts");
-                Ok(Action::requeue(until(now, at)))
+                Ok(Next::requeue(until(now, at)))
             }
             Decision::RefreshNow(why) => self.product_token(inputs, why, target_secret, published).await,
         }
@@ -29,7 +29,7 @@ impl Run<'_> {
         why: RefreshReason,
         target_secret: Option<Secret>,
         published: Option<schedule::TokenTimes>,
-    ) -> Result<Action, Error> {
+    ) -> Result<Next, Error> {
         let recovering = self.failed_attempts() > 0;
         let spec = &self.grant.spec;
         let client = match self.oauth_client(inputs).await {
@@ -37,7 +37,7 @@ impl Run<'_> {
             Err(err) => return self.refresh_failed(err, None, published).await,
         };
         if !self.ctx.shared.leadership.is_leader() {
-            return Ok(Action::await_change());
+            return Ok(Next::await_change());
         }
         let scope = spec.scope.as_deref();
         let key = product::key(&spec.issuer_url, &inputs.client_id, inputs.client_secret.secret(), scope);
@@ -84,11 +84,13 @@ impl Run<'_> {
             product::Source::Requested => metrics::source::REQUESTED,
             product::Source::Shared => metrics::source::SHARED,
         };
-        let next = self.publish_token(&issued.tokens, issued.times, None, target_secret.as_ref(), source).await?;
+        let request = self.grant.refresh_requested.as_deref();
+        let next =
+            self.publish_token(&issued.tokens, issued.times, None, target_secret.as_ref(), source, request).await?;
         self.ctx.memory.reset_api_backoff(&self.key);
         if schedule::announce(why, recovering) {
             self.event(EventType::Normal, reason::REFRESHED, format!("Access token renewed: {}", why.as_str())).await;
         }
-        Ok(Action::requeue(until(Timestamp::now(), next)))
+        Ok(Next::requeue(until(Timestamp::now(), next)))
     }
 }

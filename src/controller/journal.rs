@@ -62,6 +62,9 @@ pub struct Entry {
     pub subject: Option<String>,
     pub phone_number: Option<String>,
     pub refreshed_at: Timestamp,
+    /// The refresh request the answer handles (absent in entries of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_request: Option<String>,
 }
 
 impl Entry {
@@ -83,6 +86,7 @@ impl Entry {
             subject: id_token.map(|id| id.subject.clone()),
             phone_number: id_token.and_then(|id| id.phone_number.clone()),
             refreshed_at: pending.refreshed_at,
+            refresh_request: pending.request.clone(),
         }
     }
 
@@ -102,6 +106,7 @@ impl Entry {
             refreshed_at: self.refreshed_at,
             received: std::time::Instant::now(),
             persisted: true,
+            request: self.refresh_request.clone(),
         }
     }
 
@@ -265,6 +270,7 @@ mod tests {
             refreshed_at: Timestamp::from_second(1_899_996_400).unwrap(),
             received: Instant::now(),
             persisted: false,
+            request: Some("2026-12-07T10:00:00Z".into()),
         }
     }
 
@@ -293,6 +299,11 @@ mod tests {
         assert_eq!(tokens.expires_at, entry.expires_at);
         assert_eq!(tokens.id_token.unwrap().phone_number.as_deref(), Some("+4799999999"));
         assert_eq!(read.source_version.as_deref(), Some("41"));
+        assert_eq!(read.pending().request.as_deref(), Some("2026-12-07T10:00:00Z"), "the request it handles");
+        // An entry written before the request was journaled still reads.
+        let mut earlier = serde_json::to_value(&entry).unwrap();
+        earlier.as_object_mut().unwrap().remove("refresh_request");
+        assert_eq!(serde_json::from_value::<Entry>(earlier).unwrap().pending().request, None);
     }
 
     #[test]

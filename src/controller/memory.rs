@@ -43,6 +43,9 @@ pub struct Pending {
     pub received: Instant,
     /// The state Secret holds `refresh_token`; what remains is the target Secret and the status.
     pub persisted: bool,
+    /// The grant's refresh request (annotation value) when the token request was sent: the one
+    /// this answer handles, whatever the grant shows by the time it is published.
+    pub request: Option<String>,
 }
 
 impl Pending {
@@ -85,6 +88,9 @@ struct GrantMemory {
     /// Renewal attempts by result (`wgtwo_grant_refresh_total`, in the order of
     /// [`crate::metrics::result::ALL`]): encoded from here at scrape time.
     refreshes: [u32; 3],
+    /// A refresh request answered and published whose status write failed: handled all the same,
+    /// until the status says so.
+    handled: Option<Box<str>>,
 }
 
 /// A template check's outcome and the template's hash it was made for (not the generation: a grant
@@ -151,6 +157,25 @@ impl Memory {
         }
         self.mark(key, false);
         self.update_gauges(&grants);
+    }
+
+    /// Remembers that refresh request `request` was answered (its status write failed).
+    pub fn handled_unrecorded(&self, key: &ObjectRef<WgtwoGrant>, request: &str) {
+        let mut grants = self.grants.lock().unwrap();
+        grants.entry(slim(key)).or_default().handled = Some(request.into());
+    }
+
+    /// The refresh request answered whose status write failed, unless `recorded` (the status's
+    /// `refreshRequestHandled`) shows it by now (then it is forgotten).
+    pub fn handled_request(&self, key: &ObjectRef<WgtwoGrant>, recorded: Option<&str>) -> Option<String> {
+        let mut grants = self.grants.lock().unwrap();
+        let memory = grants.get_mut(key)?;
+        let handled = memory.handled.as_deref()?;
+        if Some(handled) == recorded {
+            memory.handled = None;
+            return None;
+        }
+        Some(handled.to_owned())
     }
 
     /// Remembers a status this process wrote (at `version`) until the watch shows it.
@@ -383,6 +408,7 @@ impl Pending {
             refreshed_at,
             received: Instant::now(),
             persisted,
+            request: None,
         }
     }
 }

@@ -35,6 +35,7 @@ pub mod status;
 mod subscriber;
 pub mod target;
 pub mod template;
+mod timers;
 mod watches;
 
 use secret_io::Journaling;
@@ -71,6 +72,7 @@ use self::memory::{Failure, Memory, Pending};
 use self::schedule::{Decision, Observed, RefreshReason};
 use self::secret_cache::SecretCache;
 use self::status::reason;
+use self::timers::Next;
 use crate::api::{
     DEFAULT_ISSUER_URL, GRANT_TYPE_CLIENT_CREDENTIALS, GRANT_TYPE_REFRESH_TOKEN, WgtwoGrant, WgtwoGrantStatus,
 };
@@ -115,6 +117,9 @@ pub struct Options {
     /// After shutdown begins, how long kept answers whose state write failed are retried (until
     /// the pod's termination grace period would end).
     pub shutdown_timeout: Duration,
+    /// Begin (and resume after a lapse) each watch with a streaming list (WatchList) instead of a
+    /// paged LIST.
+    pub streaming_lists: bool,
 }
 
 impl Default for Options {
@@ -129,6 +134,7 @@ impl Default for Options {
             concurrency: DEFAULT_CONCURRENCY,
             template_metadata_prefixes: template::DEFAULT_METADATA_PREFIXES.iter().map(|p| p.to_string()).collect(),
             shutdown_timeout: Duration::from_secs(25),
+            streaming_lists: false,
         }
     }
 }
@@ -206,6 +212,8 @@ pub struct Context {
     products: product::ProductTokens,
     /// Which grants read which Secret.
     index: Arc<SecretIndex>,
+    /// When each grant is next looked at (fed to the Controller by [`timers::Timers::due`]).
+    timers: Arc<timers::Timers>,
 }
 
 impl Context {
@@ -236,6 +244,7 @@ impl Context {
             grants,
             cache,
             products: Default::default(),
+            timers: Default::default(),
             index,
         }
     }
@@ -247,6 +256,7 @@ impl Context {
     /// Forgets a grant that is gone: its memory (with its refresh counts) and its journal entry.
     fn forget(&self, key: &ObjectRef<WgtwoGrant>) {
         self.memory.forget(key);
+        self.timers.clear(key);
         if let Some(journal) = &self.shared.journal
             && let Err(err) = journal.remove(key)
         {
@@ -316,7 +326,7 @@ fn error_policy(grant: Arc<Grant>, err: &Error, ctx: Arc<Context>) -> Action {
     }
     let delay = ctx.api_backoff(&key);
     warn!(namespace = grant.namespace().unwrap_or_default(), grant = %grant.name_any(), error = %err, retry_in = ?delay, "reconcile error");
-    Action::requeue(delay)
+    ctx.timers.schedule(&key, Next::requeue(delay))
 }
 
 /// Everything one reconcile works with.
@@ -335,33 +345,39 @@ struct Run<'a> {
 /// One span per reconcile: every log line names the grant and its namespace.
 #[instrument(skip_all, fields(namespace = grant.metadata.namespace.as_deref().unwrap_or(""), grant = grant.metadata.name.as_deref().unwrap_or("")))]
 async fn reconcile(grant: Arc<Grant>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.shared.metrics.reconciled();
     let key = grant.key();
+    let next = reconcile_grant(&grant, &ctx, key.clone()).await?;
+    Ok(ctx.timers.schedule(&key, next))
+}
+
+async fn reconcile_grant(grant: &Grant, ctx: &Context, key: ObjectRef<WgtwoGrant>) -> Result<Next, Error> {
+    ctx.shared.metrics.reconciled();
     let ns = grant.namespace().expect("WgtwoGrant is namespaced");
     if grant.meta().deletion_timestamp.is_some() {
         // Being deleted: its Secrets go with it; write nothing that would bring them back.
         ctx.forget(&key);
-        return Ok(Action::await_change());
+        return Ok(Next::await_change());
     }
     // Reads come from the Secret caches: wait until they hold everything (bounded, so shutdown is
     // never held up).
     if !ctx.cache.wait_synced(Duration::from_secs(5)).await {
-        return Ok(Action::requeue(outcome::CACHE_WAIT));
+        return Ok(Next::requeue(outcome::CACHE_WAIT));
     }
     let run = Run {
-        grant: &grant,
-        ctx: &ctx,
+        grant,
+        ctx,
         key: key.clone(),
         secrets: Api::namespaced(ctx.client.clone(), &ns),
         grants: Api::namespaced(ctx.client.clone(), &ns),
         ns,
-        template: ctx.template(&key, &grant),
+        template: ctx.template(&key, grant),
     };
     let result = run.reconcile().await;
     // Deleted while this reconcile ran: the watch has forgotten it already, and what this
-    // reconcile remembered must go too.
-    if is_gone(&ctx, &key, &grant) {
+    // reconcile remembered (and would schedule) must go too.
+    if is_gone(ctx, &key, grant) {
         ctx.forget(&key);
+        return result.map(|_| Next::await_change());
     }
     result
 }
@@ -376,7 +392,7 @@ impl Run<'_> {
         lineage::state_secret_name(&self.grant.name_any())
     }
 
-    async fn reconcile(&self) -> Result<Action, Error> {
+    async fn reconcile(&self) -> Result<Next, Error> {
         // An answer that could not be published goes first: never refresh past it. It stays kept
         // until every write succeeded, whatever fails here.
         if let Some(mut pending) = self.ctx.memory.pending(&self.key) {
@@ -386,7 +402,7 @@ impl Run<'_> {
                 // process may have moved the lineage on since. Only a consistent read tells.
                 false => match self.confirm_kept(&pending).await? {
                     Some(state) => state,
-                    None => return Ok(Action::requeue(outcome::AGAIN_SOON)),
+                    None => return Ok(Next::requeue(outcome::AGAIN_SOON)),
                 },
             };
             if let Some(s) = &state
@@ -403,17 +419,33 @@ impl Run<'_> {
                 // The target holds this answer's token already, or a newer one (a replica refreshed
                 // from the persisted token meanwhile): never put an older access token over it.
                 debug!("the kept answer is published already or superseded");
+                if let Some(times) = published.filter(|t| t.issued_at == pending.refreshed_at) {
+                    // Its own token: the target write landed, the status write may not have (and
+                    // with it the refresh request it handled, which would be handled again).
+                    let problem = self.template.as_ref().err().cloned();
+                    let request = pending.request.as_deref();
+                    let recorded = self.record_published(&pending.tokens, times, problem, request).await;
+                    // Published either way: a failing status write must not hold up the next
+                    // refresh. The request it answered counts as handled until the status says so.
+                    if let (Err(_), Some(request)) = (&recorded, request) {
+                        self.ctx.memory.handled_unrecorded(&self.key, request);
+                    }
+                    self.ctx.memory.published(&self.key);
+                    self.ctx.shared.metrics.token_published(self.grant.spec.grant_type(), metrics::source::REQUESTED);
+                    recorded?;
+                    return Ok(Next::requeue(outcome::AGAIN_SOON));
+                }
                 self.ctx.memory.published(&self.key);
-                return Ok(Action::requeue(outcome::AGAIN_SOON));
+                return Ok(Next::requeue(outcome::AGAIN_SOON));
             }
             let (next, _) = self.publish(pending, state.as_ref(), target.as_ref(), None).await?;
             self.ctx.memory.reset_api_backoff(&self.key);
             // This reconcile's view of the grant predates the publish; decide afresh next time.
-            return Ok(Action::requeue(until(Timestamp::now(), next)));
+            return Ok(Next::requeue(until(Timestamp::now(), next)));
         }
         // Only the leader reads, refreshes and writes; becoming the leader triggers a pass.
         if !self.ctx.shared.leadership.is_leader() {
-            return Ok(Action::await_change());
+            return Ok(Next::await_change());
         }
         // Before any Secret is read: credentials go only to allowed identity services.
         let allowed = &self.ctx.options.allowed_issuers;
@@ -474,7 +506,7 @@ impl Run<'_> {
         let fingerprint = self.request_fingerprint(&inputs, &chosen.refresh_token);
         if !chosen.adopted && chosen.failed.as_deref() == Some(fingerprint.as_str()) {
             // Refused for good with exactly these inputs: wait for the user to change one.
-            return Ok(Action::requeue(outcome::PERMANENT_RECHECK));
+            return Ok(Next::requeue(outcome::PERMANENT_RECHECK));
         }
 
         let now = Timestamp::now();
@@ -485,7 +517,7 @@ impl Run<'_> {
             Decision::WaitUntil(at) => self.keep_until(now, published, target_secret.as_ref(), at).await,
             Decision::BackingOff(at) => {
                 debug!(next_attempt = %at, "backing off after failed attempts");
-                Ok(Action::requeue(until(now, at)))
+                Ok(Next::requeue(until(now, at)))
             }
             Decision::RefreshNow(why) => {
                 self.refresh(&inputs, chosen, fingerprint, why, state_secret, target_secret, published).await
@@ -498,11 +530,14 @@ impl Run<'_> {
         let requested = self.grant.refresh_requested.as_deref();
         // The cached grant may predate our own last status write.
         let handled = self.current_status().and_then(|s| s.refresh_request_handled);
+        let unrecorded = self.ctx.memory.handled_request(&self.key, handled.as_deref());
         schedule::decide(&Observed {
             now,
             token: published,
             new_authorization,
-            refresh_requested: requested.is_some() && requested != handled.as_deref(),
+            refresh_requested: requested.is_some()
+                && requested != handled.as_deref()
+                && requested != unrecorded.as_deref(),
             refresh_before: self.refresh_before(),
             jitter_seed: self.jitter_seed(),
             retry_not_before: self.retry_not_before(),
@@ -516,7 +551,7 @@ impl Run<'_> {
         published: Option<schedule::TokenTimes>,
         target: Option<&Secret>,
         at: Timestamp,
-    ) -> Result<Action, Error> {
+    ) -> Result<Next, Error> {
         let token = published.expect("waiting implies a published token");
         debug!(next = %at, "access token valid; next refresh scheduled");
         let problem = match &self.template {
@@ -530,7 +565,12 @@ impl Run<'_> {
                 }
             }
         };
+        // A request answered whose status write failed: recorded with this status.
+        let unrecorded = self.ctx.memory.handled_request(&self.key, None);
         self.set_published(token.expires_at, problem, |s| {
+            if unrecorded.is_some() {
+                s.refresh_request_handled.clone_from(&unrecorded);
+            }
             s.expires_at = Some(Time(token.expires_at));
             s.last_refresh_time = Some(Time(token.issued_at));
             // Whole seconds, as stored: an unrounded time would differ from the stored one and be
@@ -540,7 +580,7 @@ impl Run<'_> {
             s.last_failure_time = None;
         })
         .await?;
-        Ok(Action::requeue(until(now, at)))
+        Ok(Next::requeue(until(now, at)))
     }
 
     /// The grant's OAuth client, discovered once per issuer, client id and client secret.
@@ -560,13 +600,29 @@ impl Run<'_> {
         phone: Option<String>,
         target: Option<&Secret>,
         source: &str,
+        request: Option<&str>,
     ) -> Result<Timestamp, Error> {
         let data = target::data(tokens, times.expires_at, phone);
         let (shaped, problem) = target::shape(data, times.issued_at, self.template.as_ref().map(Option::as_ref));
         self.write_target(target, shaped).await?;
+        let next = self.record_published(tokens, times, problem, request).await?;
+        // Counted once published in full: a retried status write would otherwise count twice.
+        self.ctx.shared.metrics.token_published(self.grant.spec.grant_type(), source);
+        Ok(next)
+    }
+
+    /// The status of a token the target Secret holds, with the refresh request it handled (the
+    /// grant's when the token request was sent). Returns when the next refresh is due.
+    async fn record_published(
+        &self,
+        tokens: &TokenSet,
+        times: schedule::TokenTimes,
+        problem: Option<template::TemplateError>,
+        request: Option<&str>,
+    ) -> Result<Timestamp, Error> {
         let next = schedule::refresh_at(times, self.refresh_before(), self.jitter_seed());
         let subject = tokens.id_token.as_ref().map(|id| id.subject.clone());
-        let handled = self.grant.refresh_requested.as_deref().map(str::to_owned);
+        let handled = request.map(str::to_owned);
         self.set_published(times.expires_at, problem, |s| {
             s.expires_at = Some(Time(times.expires_at));
             s.last_refresh_time = Some(Time(times.issued_at));
@@ -582,8 +638,6 @@ impl Run<'_> {
             s.last_failure_time = None;
         })
         .await?;
-        // Counted once published in full: a retried status write would otherwise count twice.
-        self.ctx.shared.metrics.token_published(self.grant.spec.grant_type(), source);
         Ok(next)
     }
 

@@ -270,6 +270,7 @@ mod tests {
             subject: None,
             phone_number: None,
             refreshed_at: Timestamp::UNIX_EPOCH,
+            refresh_request: None,
         }
     }
 

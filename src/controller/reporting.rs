@@ -35,7 +35,7 @@ impl Run<'_> {
         err: OAuthError,
         refused: Option<Refused<'_>>,
         published: Option<schedule::TokenTimes>,
-    ) -> Result<Action, Error> {
+    ) -> Result<Next, Error> {
         let now = Timestamp::now();
         let valid_until = published.map(|t| t.expires_at).filter(|at| *at > now);
         let spec = &self.grant.spec;
@@ -76,7 +76,7 @@ impl Run<'_> {
                 s.last_failure_time = Some(failed_at.clone());
             })
             .await?;
-            return Ok(Action::requeue(outcome::PERMANENT_RECHECK));
+            return Ok(Next::requeue(outcome::PERMANENT_RECHECK));
         }
         // The backoff lives in the status (attempts, next attempt), so a restart continues it.
         let random = (self.jitter_seed() ^ u64::from(attempts).wrapping_mul(0x9E37_79B9_7F4A_7C15)) % 1000;
@@ -98,7 +98,7 @@ impl Run<'_> {
         .await?;
         let generation = self.grant.metadata.generation;
         self.ctx.memory.failed(&self.key, Failure { attempts, failed_at: failed_at.0, next_attempt, generation });
-        Ok(Action::requeue(until(Timestamp::now(), next_attempt)))
+        Ok(Next::requeue(until(Timestamp::now(), next_attempt)))
     }
 
     /// The backoff after failed attempts: the status keeps it across restarts and leaders; this
@@ -150,7 +150,7 @@ impl Run<'_> {
         self.set_ready(false, why, message, edit).await
     }
 
-    pub(super) async fn input_problem(&self, why: &'static str, message: String) -> Result<Action, Error> {
+    pub(super) async fn input_problem(&self, why: &'static str, message: String) -> Result<Next, Error> {
         self.ctx.shared.metrics.reconcile_error(why);
         let changed = status::previous_ready(self.current_status().as_ref())
             .is_none_or(|c| c.reason != why || c.message != message);
@@ -158,7 +158,7 @@ impl Run<'_> {
             self.event(EventType::Warning, why, message.clone()).await;
         }
         self.set_ready(false, why, message, |_| {}).await?;
-        Ok(Action::requeue(outcome::INPUT_RECHECK))
+        Ok(Next::requeue(outcome::INPUT_RECHECK))
     }
 
     /// Patches the status (server-side apply) unless nothing would change.

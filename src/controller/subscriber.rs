@@ -100,7 +100,7 @@ impl Run<'_> {
         state_secret: Option<Secret>,
         target_secret: Option<Secret>,
         published: Option<schedule::TokenTimes>,
-    ) -> Result<Action, Error> {
+    ) -> Result<Next, Error> {
         let recovering = self.failed_attempts() > 0;
         let client = match self.oauth_client(inputs).await {
             Ok(client) => client,
@@ -137,7 +137,7 @@ impl Run<'_> {
         };
         if stored != state_secret.as_ref().and_then(|s| s.resource_version()) {
             debug!("the cached state Secret was behind the stored one; deciding again");
-            return Ok(Action::requeue(outcome::AGAIN_SOON));
+            return Ok(Next::requeue(outcome::AGAIN_SOON));
         }
         // Checked after the last await before sending: a replica whose Lease may lapse before the
         // answer is persisted must not present the refresh token (the next leader would too).
@@ -147,10 +147,14 @@ impl Run<'_> {
         {
             return Ok(if self.ctx.shared.leadership.is_leader() {
                 debug!("Lease held with too little margin; refresh deferred");
-                Action::requeue(outcome::LEASE_WAIT)
+                Next::requeue(outcome::LEASE_WAIT)
             } else {
-                Action::await_change()
+                Next::await_change()
             });
+        }
+        // Deleted meanwhile (its Secrets go with it): nothing to refresh for.
+        if is_gone(self.ctx, &self.key, self.grant) {
+            return Ok(Next::await_change());
         }
         info!(reason = why.as_str(), "refreshing");
         let sent = Instant::now();
@@ -166,6 +170,7 @@ impl Run<'_> {
             refreshed_at,
             received,
             persisted: false,
+            request: self.grant.refresh_requested.as_deref().map(str::to_owned),
         };
         let mut answered = None;
         let scope = self.grant.spec.scope.as_deref();
@@ -212,7 +217,7 @@ impl Run<'_> {
             );
             self.event(EventType::Warning, reason::ID_TOKEN_NOT_VERIFIED, note).await;
         }
-        Ok(Action::requeue(until(Timestamp::now(), next)))
+        Ok(Next::requeue(until(Timestamp::now(), next)))
     }
 
     /// Writes the answer: rotated refresh token first, then the access token, then the status. The
@@ -333,7 +338,9 @@ impl Run<'_> {
         let expires_at = whole_seconds(pending.tokens.expires_at.unwrap_or(pending.refreshed_at + DEFAULT_LIFETIME));
         let times = schedule::TokenTimes { issued_at: pending.refreshed_at, expires_at };
         let phone = phone.flatten().or_else(|| target.and_then(target::phone_number));
-        let next = self.publish_token(&pending.tokens, times, phone, target, metrics::source::REQUESTED).await?;
+        let request = pending.request.as_deref();
+        let next =
+            self.publish_token(&pending.tokens, times, phone, target, metrics::source::REQUESTED, request).await?;
         self.ctx.memory.published(&self.key);
         Ok((next, pending.tokens.id_token_error))
     }

@@ -8,8 +8,12 @@ use super::*;
 /// read timeout just above it, a watch connection that died silently is noticed within a minute.
 pub const WATCH_TIMEOUT: Duration = Duration::from_secs(50);
 
-pub(super) fn watch_config() -> watcher::Config {
-    watcher::Config::default().timeout(WATCH_TIMEOUT.as_secs() as u32)
+pub(super) fn watch_config(streaming_lists: bool) -> watcher::Config {
+    let config = watcher::Config::default().timeout(WATCH_TIMEOUT.as_secs() as u32);
+    match streaming_lists {
+        true => config.streaming_lists(),
+        false => config,
+    }
 }
 
 /// Runs the controller until `shutdown`; then no reconcile starts and in-flight ones (including
@@ -47,7 +51,7 @@ pub async fn run(
         };
     let allowed: Vec<&str> = options.allowed_issuers.iter().map(AllowedIssuer::as_str).collect();
     info!(allowed_issuers = ?allowed, "credentials are sent only to these identity services");
-    let concurrency = options.concurrency;
+    let (concurrency, streaming) = (options.concurrency, options.streaming_lists);
     let (store, writer) = reflector::store();
     let cache = SecretCache::new(shared.leadership.epoch_source());
     let index = Arc::new(SecretIndex::default());
@@ -67,14 +71,18 @@ pub async fn run(
     };
     let grant_index = index.clone();
     let grants_done = mark_synced.clone();
-    let grant_changes = watcher(grants, watch_config())
+    let grant_changes = watcher(grants, watch_config(streaming))
         .default_backoff()
         .reflect(writer)
         .inspect_ok(move |event| match event {
-            watcher::Event::Apply(g) | watcher::Event::InitApply(g) => {
+            watcher::Event::Apply(g) => {
                 grant_index.upsert(g);
+                // The store holds this copy now: a status this process wrote that it shows is
+                // forgotten (reconciles read it from the store).
                 watch_ctx.memory.own_status(&g.key(), g.resource_version().as_deref());
             }
+            // Not in the store until the relist ends (InitDone): the memory stays until then.
+            watcher::Event::InitApply(g) => grant_index.upsert(g),
             watcher::Event::Delete(g) => {
                 watch_ctx.forget(&g.key());
                 grant_index.remove(g);
@@ -83,6 +91,10 @@ pub async fn run(
                 let alive = reader.state();
                 let alive_keys: HashSet<_> = alive.iter().map(|g| g.key()).collect();
                 watch_ctx.memory.retain(&alive_keys);
+                watch_ctx.timers.retain(&alive_keys);
+                for g in &alive {
+                    watch_ctx.memory.own_status(&g.key(), g.resource_version().as_deref());
+                }
                 if let Some(journal) = &watch_ctx.shared.journal
                     && let Err(err) = journal.retain(&alive_keys)
                 {
@@ -103,7 +115,7 @@ pub async fn run(
     // Every Secret as metadata only (no data, no managedFields): whether it exists, its version
     // and owner. The operator never caches the data of anyone's Secrets.
     let (meta_cache, meta_done) = (cache.clone(), mark_synced.clone());
-    let secret_changes = watcher(secrets_meta, watch_config())
+    let secret_changes = watcher(secrets_meta, watch_config(streaming))
         .default_backoff()
         .modify(secret_cache::strip)
         .inspect_ok(move |event| {
@@ -120,7 +132,7 @@ pub async fn run(
         });
     // The operator's own Secrets (state and target) with their data, kept as the few keys it reads.
     let (owned_cache, owned_done) = (cache.clone(), mark_synced);
-    let owned_changes = watcher(secrets, watch_config().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}")))
+    let owned_changes = watcher(secrets, watch_config(streaming).labels(&format!("{LABEL_MANAGED_BY}={MANAGER}")))
         .default_backoff()
         .modify(secret_cache::strip)
         .try_filter_map(move |event| {
@@ -152,6 +164,8 @@ pub async fn run(
         })
         // A standby ignores everything; on becoming the leader it looks at every grant.
         .reconcile_all_on(shared.leadership.became_leader())
+        // Next refreshes, rechecks and retries (kept compactly, not in kube's scheduler).
+        .reconcile_on(ctx.timers.clone().due())
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {

@@ -110,6 +110,9 @@ impl ControlPlane {
             .arg(format!("--initial-cluster=testenv={peer_url}"))
             // Throwaway data: skip fsync so a 2-core machine is not bound by disk flushes.
             .arg("--unsafe-no-fsync")
+            // The 2 GiB default is too small for the 100,000-grant benchmark's history between
+            // compactions; a limit, not an allocation.
+            .arg("--quota-backend-bytes=8589934592")
             .arg("--log-level=warn");
         let mut etcd = ChildGuard::spawn("etcd", etcd_cmd, &dir.path().join("etcd.log"))?;
         let http = reqwest::Client::new();

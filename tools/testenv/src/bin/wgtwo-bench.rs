@@ -41,10 +41,12 @@ struct Args {
     check: bool,
     soak_only: bool,
     hydra: bool,
+    /// Passed on to every operator started (e.g. `--streaming-lists`).
+    operator_args: Vec<String>,
 }
 
 fn usage() -> &'static str {
-    "usage: wgtwo-bench --operator PATH [--grants N (1000)] [--concurrency C (operator default)] [--clients K (10)] [--soak SECONDS (0) --token-lifetime SECONDS (3600) [--soak-only]] [--no-baseline] [--check: exit 1 if a request or token count target is missed] [--hydra: a real Ory Hydra instead of the stub, for a small N]"
+    "usage: wgtwo-bench --operator PATH [--grants N (1000)] [--concurrency C (operator default)] [--clients K (10)] [--soak SECONDS (0) --token-lifetime SECONDS (3600) [--soak-only]] [--no-baseline] [--check: exit 1 if a request or token count target is missed] [--hydra: a real Ory Hydra instead of the stub, for a small N] [--operator-arg ARG (repeatable: passed to the operator)]"
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -59,6 +61,7 @@ fn args() -> anyhow::Result<Args> {
         check: false,
         soak_only: false,
         hydra: false,
+        operator_args: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -74,6 +77,7 @@ fn args() -> anyhow::Result<Args> {
             "--check" => args.check = true,
             "--soak-only" => args.soak_only = true,
             "--hydra" => args.hydra = true,
+            "--operator-arg" => args.operator_args.push(value("--operator-arg")?),
             other => bail!("unknown argument {other}; {}", usage()),
         }
     }
@@ -329,6 +333,7 @@ impl Bench {
             .args(["--leader-election-namespace", OPERATOR_NS])
             .env("POD_NAME", format!("operator-{}", self.starts))
             .env("KUBECONFIG", &self.operator_kubeconfig)
+            .args(&self.args.operator_args)
             .env("RUST_LOG", "info");
         if let Issuer::Hydra { ca_file, .. } = &self.tokens {
             cmd.arg("--ca-bundle").arg(ca_file);
