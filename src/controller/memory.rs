@@ -165,13 +165,19 @@ impl Memory {
         grants.entry(slim(key)).or_default().handled = Some(request.into());
     }
 
-    /// The refresh request answered whose status write failed, unless `recorded` (the status's
-    /// `refreshRequestHandled`) shows it by now (then it is forgotten).
-    pub fn handled_request(&self, key: &ObjectRef<WgtwoGrant>, recorded: Option<&str>) -> Option<String> {
+    /// The refresh request answered whose status write failed, while it is still the grant's
+    /// request (`requested`) and the status's `refreshRequestHandled` (`recorded`) does not show
+    /// it; else it is forgotten (a newer request, or the status caught up).
+    pub fn handled_request(
+        &self,
+        key: &ObjectRef<WgtwoGrant>,
+        requested: Option<&str>,
+        recorded: Option<&str>,
+    ) -> Option<String> {
         let mut grants = self.grants.lock().unwrap();
         let memory = grants.get_mut(key)?;
         let handled = memory.handled.as_deref()?;
-        if Some(handled) == recorded {
+        if Some(handled) == recorded || Some(handled) != requested {
             memory.handled = None;
             return None;
         }
@@ -462,6 +468,20 @@ mod tests {
         assert_eq!(memory.template_verdict(&key("a"), "h2"), None, "another template is checked again");
         memory.forget(&key("a"));
         assert_eq!(memory.template_verdict(&key("a"), "h1"), None);
+    }
+
+    #[test]
+    fn an_answered_request_counts_as_handled_only_while_it_is_the_grants_and_unrecorded() {
+        let memory = Memory::new(Metrics::new());
+        memory.handled_unrecorded(&key("a"), "A");
+        assert_eq!(memory.handled_request(&key("a"), Some("A"), Some("older")).as_deref(), Some("A"));
+        // The status caught up: forgotten.
+        assert_eq!(memory.handled_request(&key("a"), Some("A"), Some("A")), None);
+        assert_eq!(memory.handled_request(&key("a"), Some("A"), Some("older")), None);
+        // A newer request: forgotten, never written over the newer one's status.
+        memory.handled_unrecorded(&key("a"), "A");
+        assert_eq!(memory.handled_request(&key("a"), Some("B"), Some("older")), None);
+        assert_eq!(memory.handled_request(&key("a"), Some("A"), Some("older")), None);
     }
 
     #[test]

@@ -530,7 +530,7 @@ impl Run<'_> {
         let requested = self.grant.refresh_requested.as_deref();
         // The cached grant may predate our own last status write.
         let handled = self.current_status().and_then(|s| s.refresh_request_handled);
-        let unrecorded = self.ctx.memory.handled_request(&self.key, handled.as_deref());
+        let unrecorded = self.ctx.memory.handled_request(&self.key, requested, handled.as_deref());
         schedule::decide(&Observed {
             now,
             token: published,
@@ -566,7 +566,9 @@ impl Run<'_> {
             }
         };
         // A request answered whose status write failed: recorded with this status.
-        let unrecorded = self.ctx.memory.handled_request(&self.key, None);
+        let recorded = self.current_status().and_then(|s| s.refresh_request_handled);
+        let requested = self.grant.refresh_requested.as_deref();
+        let unrecorded = self.ctx.memory.handled_request(&self.key, requested, recorded.as_deref());
         self.set_published(token.expires_at, problem, |s| {
             if unrecorded.is_some() {
                 s.refresh_request_handled.clone_from(&unrecorded);
