@@ -3,9 +3,9 @@
 //!
 //! kube's Controller can requeue by itself, but its scheduler keeps every request twice (a map key
 //! and a delay-queue slot), each with the object reference's four strings: about 700 bytes per grant,
-//! and every grant here is always scheduled. This keeps one shared key and an instant per grant
-//! (about 100 bytes). A due grant goes through the Controller like any trigger: never two
-//! reconciles of one grant at once, one that is running runs again after.
+//! and every grant here is always scheduled. This keeps one shared key and an instant per grant in
+//! two indexes (well under 200 bytes). A due grant goes through the Controller like any trigger:
+//! never two reconciles of one grant at once, one that is running runs again after.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
