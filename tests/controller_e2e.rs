@@ -5,6 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use kube::api::{Patch, PatchParams};
 use support::{Env, NS, ttl};
 use wgtwo_testenv::HydraOptions;
@@ -224,9 +225,45 @@ async fn identity_service_outage_backs_off_visibly_and_recovers_without_restart(
     assert!(env.active(&published).await);
 }
 
+/// A ValidatingAdmissionPolicy refusing UPDATEs of `resource` (in API group `group`) whose object
+/// fails `expression`, as an outage or a bad webhook would; in effect once a write is refused.
+struct Freeze {
+    name: &'static str,
+    policies: kube::Api<ValidatingAdmissionPolicy>,
+    bindings: kube::Api<ValidatingAdmissionPolicyBinding>,
+}
+
+impl Freeze {
+    async fn start(env: &Env, name: &'static str, group: &str, resource: &str, expression: &str) -> Self {
+        let policy: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {"resourceRules": [{"apiGroups": [group], "apiVersions": ["*"], "operations": ["UPDATE"], "resources": [resource]}]},
+                "validations": [{"expression": expression, "message": "frozen by the test"}],
+            }
+        }))
+        .unwrap();
+        let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"policyName": name, "validationActions": ["Deny"]}
+        }))
+        .unwrap();
+        let freeze =
+            Freeze { name, policies: kube::Api::all(env.kube.clone()), bindings: kube::Api::all(env.kube.clone()) };
+        freeze.policies.create(&Default::default(), &policy).await.unwrap();
+        freeze.bindings.create(&Default::default(), &binding).await.unwrap();
+        freeze
+    }
+
+    async fn lift(self) {
+        self.bindings.delete(self.name, &Default::default()).await.unwrap();
+        self.policies.delete(self.name, &Default::default()).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_refresh_token_that_cannot_be_persisted_is_kept_in_memory_until_it_can() {
-    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
     let mut env = Env::start(ttl(3600)).await;
     env.create_authorized_grant("alice").await;
     let _operator = env.start_operator();
@@ -235,24 +272,8 @@ async fn a_rotated_refresh_token_that_cannot_be_persisted_is_kept_in_memory_unti
     let published = env.secret_value("alice-token", "access_token").await;
 
     // The apiserver refuses every update of the state Secret, as an outage or a bad webhook would.
-    let policy: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "freeze-state"},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"], "resources": ["secrets"]}]},
-            "validations": [{"expression": "object.metadata.name != 'alice-wgtwo-state'", "message": "frozen by the test"}],
-        }
-    }))
-    .unwrap();
-    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "freeze-state"},
-        "spec": {"policyName": "freeze-state", "validationActions": ["Deny"]}
-    }))
-    .unwrap();
-    let policies: kube::Api<ValidatingAdmissionPolicy> = kube::Api::all(env.kube.clone());
-    let bindings: kube::Api<ValidatingAdmissionPolicyBinding> = kube::Api::all(env.kube.clone());
-    policies.create(&Default::default(), &policy).await.unwrap();
-    bindings.create(&Default::default(), &binding).await.unwrap();
+    let freeze =
+        Freeze::start(&env, "freeze-state", "", "secrets", "object.metadata.name != 'alice-wgtwo-state'").await;
     // Policies take effect asynchronously: wait until an update is refused.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -283,8 +304,7 @@ async fn a_rotated_refresh_token_that_cannot_be_persisted_is_kept_in_memory_unti
     assert!(log.contains("could not persist the rotated refresh token"), "the failure is logged");
 
     // Lift the freeze: the answer held in memory is written, and it is the live lineage.
-    bindings.delete("freeze-state", &Default::default()).await.unwrap();
-    policies.delete("freeze-state", &Default::default()).await.unwrap();
+    freeze.lift().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while env.live_refresh_token("alice").await.as_deref() == Some(persisted.as_str()) {
         assert!(Instant::now() < deadline, "the kept refresh token was never persisted");
@@ -300,31 +320,15 @@ async fn a_rotated_refresh_token_that_cannot_be_persisted_is_kept_in_memory_unti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requested_refresh_whose_status_cannot_be_written_is_not_repeated() {
-    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
     let mut env = Env::start(ttl(3600)).await;
     env.create_authorized_grant("alice").await;
     let _operator = env.start_operator();
     env.wait_ready("alice", "True", "Refreshed", Duration::from_secs(30)).await;
 
     // The apiserver refuses every status write of the grant, as an outage or a bad webhook would.
-    let policy: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "freeze-status"},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": [{"apiGroups": ["auth.wgtwo.com"], "apiVersions": ["*"], "operations": ["UPDATE"], "resources": ["wgtwogrants/status"]}]},
-            "validations": [{"expression": "object.metadata.name != 'alice'", "message": "frozen by the test"}],
-        }
-    }))
-    .unwrap();
-    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "freeze-status"},
-        "spec": {"policyName": "freeze-status", "validationActions": ["Deny"]}
-    }))
-    .unwrap();
-    let policies: kube::Api<ValidatingAdmissionPolicy> = kube::Api::all(env.kube.clone());
-    let bindings: kube::Api<ValidatingAdmissionPolicyBinding> = kube::Api::all(env.kube.clone());
-    policies.create(&Default::default(), &policy).await.unwrap();
-    bindings.create(&Default::default(), &binding).await.unwrap();
+    let freeze =
+        Freeze::start(&env, "freeze-status", "auth.wgtwo.com", "wgtwogrants/status", "object.metadata.name != 'alice'")
+            .await;
     // Policies take effect asynchronously: wait until a status write (changing nothing) is refused.
     let deadline = Instant::now() + Duration::from_secs(20);
     let probe = serde_json::json!({"status": {"grantType": "refresh_token"}});
@@ -345,8 +349,7 @@ async fn a_requested_refresh_whose_status_cannot_be_written_is_not_repeated() {
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert_eq!(env.hydra.token_requests(), requests + 1, "refreshed again while the status could not be written");
 
-    bindings.delete("freeze-status", &Default::default()).await.unwrap();
-    policies.delete("freeze-status", &Default::default()).await.unwrap();
+    freeze.lift().await;
     env.wait_refresh_handled("alice", "once", Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(env.hydra.token_requests(), requests + 1, "one request, one refresh");
