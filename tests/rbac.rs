@@ -54,6 +54,7 @@ async fn the_operator_account_may_do_what_the_operator_needs_and_nothing_more() 
     let own = Some(OPERATOR_NS);
     #[rustfmt::skip]
     let needed = [
+        ("get", grants, "wgtwogrants", ns, None),
         ("list", grants, "wgtwogrants", None, None),
         ("watch", grants, "wgtwogrants", None, None),
         ("patch", grants, "wgtwogrants/status", ns, None),
@@ -71,7 +72,6 @@ async fn the_operator_account_may_do_what_the_operator_needs_and_nothing_more() 
     #[rustfmt::skip]
     let not_needed = [
         // Grants and their status come from the watch cache and the operator's own writes.
-        ("get", grants, "wgtwogrants", ns, None),
         ("get", grants, "wgtwogrants/status", ns, None),
         ("create", grants, "wgtwogrants", ns, None),
         ("update", grants, "wgtwogrants", ns, None),

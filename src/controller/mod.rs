@@ -383,6 +383,7 @@ async fn reconcile_grant(grant: &Grant, ctx: &Context, key: ObjectRef<WgtwoGrant
 }
 
 /// Whether the grant cache no longer holds this grant object (deleted, or deleted and created again).
+/// The cache may lag: see [`Run::deleted_with_its_secrets`].
 fn is_gone(ctx: &Context, key: &ObjectRef<WgtwoGrant>, grant: &Grant) -> bool {
     ctx.cached(key).is_none_or(|g| g.uid() != grant.uid())
 }
@@ -414,6 +415,9 @@ impl Run<'_> {
                 self.unjournal();
             }
             let target = self.owned(&self.grant.spec.target_secret).await?;
+            if self.deleted_with_its_secrets(state.as_ref(), target.as_ref()).await? {
+                return Ok(Next::await_change());
+            }
             let published = target.as_ref().and_then(target::published_token);
             if !publish_kept(&pending, published) {
                 // The target holds this answer's token already, or a newer one (a replica refreshed
@@ -472,6 +476,9 @@ impl Run<'_> {
             None => None,
         };
         let target_secret = self.owned(&spec.target_secret).await?;
+        if self.deleted_with_its_secrets(state_secret.as_ref(), target_secret.as_ref()).await? {
+            return Ok(Next::await_change());
+        }
         for (secret, what, why) in [
             (&target_secret, reason::TARGET_CONFLICT, "target.secretName"),
             (&state_secret, reason::STATE_CONFLICT, "the operator's state Secret"),
@@ -523,6 +530,30 @@ impl Run<'_> {
                 self.refresh(&inputs, chosen, fingerprint, why, state_secret, target_secret, published).await
             }
         }
+    }
+
+    /// Whether the grant is being deleted (or is gone) although the cached copy does not show it,
+    /// asked only when Secrets it keeps are missing after it was served: the garbage collector
+    /// deletes them once the grant is being deleted, and the Secret watch may show that before the
+    /// grant watch does. Refreshing then would bring the Secrets back for a grant being deleted
+    /// and, without the state, present the authorization's refresh token again (used long ago: a
+    /// reuse, which revokes the lineage). A consistent read of the grant tells; if deleted, it is
+    /// forgotten as if its watch had shown the deletion.
+    async fn deleted_with_its_secrets(&self, state: Option<&Secret>, target: Option<&Secret>) -> Result<bool, Error> {
+        let keeps_state = self.grant.spec.refresh_token.is_some();
+        if !status::secrets_lost(self.current_status().as_ref(), keeps_state, state.is_some(), target.is_some()) {
+            return Ok(false);
+        }
+        let stored = self.grants.get_metadata_opt(&self.grant.name_any()).await?;
+        let deleted =
+            stored.is_none_or(|g| g.metadata.uid != self.grant.uid() || g.metadata.deletion_timestamp.is_some());
+        if deleted {
+            debug!(
+                "its Secrets are gone and the grant is being deleted (before its watch showed it): nothing is written"
+            );
+            self.ctx.forget(&self.key);
+        }
+        Ok(deleted)
     }
 
     /// When to renew the published token (the same schedule for both grant types).

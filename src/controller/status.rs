@@ -81,6 +81,15 @@ pub fn retry_not_before(status: Option<&WgtwoGrantStatus>, generation: Option<i6
         .flatten()
 }
 
+/// Whether a grant that was served (its status records a published token) has lost a Secret it
+/// keeps: the target, or the state of a subscriber's grant. Kubernetes' garbage collector does
+/// that once the grant is being deleted, which the grant watch may show after the Secret watch
+/// (watches of different resources are not ordered), so it is the sign to read the grant itself.
+pub fn secrets_lost(status: Option<&WgtwoGrantStatus>, keeps_state: bool, has_state: bool, has_target: bool) -> bool {
+    let served = status.is_some_and(|s| s.last_refresh_time.is_some());
+    served && (!has_target || (keeps_state && !has_state))
+}
+
 /// The status with `condition` as its Ready condition (other conditions kept).
 pub fn with_ready(status: Option<&WgtwoGrantStatus>, condition: Condition) -> WgtwoGrantStatus {
     let mut next = status.cloned().unwrap_or_default();
@@ -103,6 +112,21 @@ mod tests {
         let flipped = ready_condition(Some(&same), false, reason::INVALID_GRANT, "re-authorize".into(), Some(1), t1);
         assert_eq!(flipped.last_transition_time, Time(t1));
         assert_eq!(flipped.status, "False");
+    }
+
+    #[test]
+    fn secrets_count_as_lost_only_once_the_grant_was_served_and_state_only_where_one_is_kept() {
+        let t0 = Timestamp::from_second(1_700_000_000).unwrap();
+        let served = WgtwoGrantStatus { last_refresh_time: Some(Time(t0)), ..Default::default() };
+        let never = WgtwoGrantStatus::default();
+        // (status, keeps state, has state, has target)
+        assert!(secrets_lost(Some(&served), true, true, false));
+        assert!(secrets_lost(Some(&served), true, false, true));
+        assert!(secrets_lost(Some(&served), false, false, false));
+        assert!(!secrets_lost(Some(&served), true, true, true));
+        assert!(!secrets_lost(Some(&served), false, false, true), "a product grant keeps no state");
+        assert!(!secrets_lost(Some(&never), true, false, false), "a new grant has nothing yet");
+        assert!(!secrets_lost(None, true, false, false));
     }
 
     #[test]

@@ -249,6 +249,19 @@ impl Env {
         path
     }
 
+    /// A copy of the operator's kubeconfig that reaches the apiserver at `url`, trusting `ca_pem`
+    /// (a TLS-terminating proxy such as `WatchLagProxy`).
+    pub fn operator_kubeconfig_via(&self, url: &str, ca_pem: &str) -> PathBuf {
+        use base64::Engine;
+        let text = std::fs::read_to_string(&self.operator_kubeconfig).unwrap();
+        let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
+        let via = text.replace(self.cp.url(), url).replace(&b64(self.cp.ca_pem()), &b64(ca_pem));
+        assert!(via.contains(url) && via.contains(&b64(ca_pem)), "the kubeconfig names the apiserver and its CA");
+        let path = self.dir.path().join(format!("operator-via-{}.kubeconfig", url.rsplit(':').next().unwrap()));
+        std::fs::write(&path, via).unwrap();
+        path
+    }
+
     /// Like `start_operator_with`, with the credentials (and server) of `kubeconfig`.
     pub fn start_operator_using(&mut self, extra: &[&str], kubeconfig: &std::path::Path) -> (ChildGuard, u16) {
         self.operator_starts += 1;

@@ -260,6 +260,11 @@ impl ControlPlane {
         &self.url
     }
 
+    /// The CA of the apiserver's serving certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
     /// A kubeconfig file with admin (system:masters) credentials, for kubectl or the operator.
     pub fn admin_kubeconfig(&self) -> &Path {
         &self.admin_kubeconfig

@@ -14,6 +14,7 @@ pub mod process;
 pub mod recording_proxy;
 pub mod tcp_proxy;
 pub mod token_server;
+pub mod watch_lag_proxy;
 
 pub use cluster::Cluster;
 pub use control_plane::ControlPlane;
@@ -22,6 +23,7 @@ pub use hydra::{Callback, Hydra, HydraOptions, OAuthClient, Subscriber};
 pub use recording_proxy::RecordingProxy;
 pub use tcp_proxy::TcpProxy;
 pub use token_server::RotatingTokenServer;
+pub use watch_lag_proxy::WatchLagProxy;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

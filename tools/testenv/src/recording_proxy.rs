@@ -296,7 +296,7 @@ fn error_in(body: &[u8]) -> String {
     format!("{}: {}", field("error"), field("error_description"))
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in [header::CONNECTION, header::TRANSFER_ENCODING, header::TE, header::TRAILER, header::UPGRADE] {
         headers.remove(name);
     }

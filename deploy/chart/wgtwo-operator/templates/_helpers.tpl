@@ -24,10 +24,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* The rules the operator needs on grants, their Secrets and Events, wherever grants live. */}}
 {{- define "wgtwo-operator.grantRules" -}}
-# Watch grants (list/watch feed the cache; the operator never reads a grant one by one).
+# list/watch: grants come from the watch cache.
+# get: only when a served grant's Secrets have vanished, to tell a deletion the watch has not shown
+# yet (the garbage collector removes them) from Secrets deleted by hand.
 - apiGroups: ["auth.wgtwo.com"]
   resources: ["wgtwogrants"]
-  verbs: ["list", "watch"]
+  verbs: ["get", "list", "watch"]
 # Write the Ready condition, expiry and schedule (server-side apply of the status subresource).
 - apiGroups: ["auth.wgtwo.com"]
   resources: ["wgtwogrants/status"]
