@@ -1,17 +1,23 @@
 //! Owner references, proven with Kubernetes' own garbage collector (kube-controller-manager built
 //! from the same module as the apiserver): a deleted grant takes its target and state Secrets with
-//! it, and the operator does not bring them back while the grant is being deleted, also when its
-//! watch of grants lags its watch of Secrets (the collector's deletions then arrive first).
+//! it, and the operator does not bring them back (nor send a token request) while the grant is
+//! being deleted, also when its watch of grants lags its watch of Secrets: the collector's
+//! deletions then reach it before the grant's own deletion does.
 
 mod support;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kube::api::{DeleteParams, Patch, PatchParams, PropagationPolicy};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy, WatchEvent, WatchParams};
 use support::Env;
 use wgtwo_testenv::{HydraOptions, WatchLagProxy};
 
-/// How late the operator hears of grant changes while grants are deleted.
+/// How late the operator hears of grant changes while grants are deleted. Its watch read timeout
+/// is the watch's 50 s plus 10 s: a lag near 10 s would reset quiet watches.
 const LAG: Duration = Duration::from_secs(8);
 
 async fn wait_gone(env: &Env, secret: &str) {
@@ -32,6 +38,38 @@ fn log_of(env: &Env) -> String {
     logs.lines().filter(|l| l.contains("grant=")).collect::<Vec<_>>().join("\n")
 }
 
+/// Names of the Secrets created in the test namespace from now on (a recreated Secret shows even if
+/// the collector deletes it again at once).
+async fn record_created(env: &Env) -> Arc<Mutex<Vec<String>>> {
+    let version = env.secrets().list_metadata(&ListParams::default().limit(1)).await.unwrap().metadata.resource_version;
+    let mut events =
+        env.secrets().watch(&WatchParams::default().timeout(280), &version.unwrap()).await.unwrap().boxed();
+    let created = Arc::new(Mutex::new(Vec::new()));
+    let names = created.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(event)) = events.next().await {
+            if let WatchEvent::Added(secret) = event {
+                names.lock().unwrap().push(Secret::name_any(&secret));
+            }
+        }
+    });
+    created
+}
+
+/// Deletes `name` in the foreground, held open by a finalizer of ours: the garbage collector deletes
+/// the Secrets while the grant still exists (with a deletionTimestamp).
+async fn delete_held(env: &Env, name: &str) {
+    let hold = serde_json::json!({"metadata": {"finalizers": ["test.example/hold"]}});
+    env.grants().patch(name, &PatchParams::default(), &Patch::Merge(&hold)).await.unwrap();
+    let foreground = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..Default::default() };
+    env.grants().delete(name, &foreground).await.unwrap();
+}
+
+async fn release(env: &Env, name: &str) {
+    let release = serde_json::json!({"metadata": {"finalizers": null}});
+    env.grants().patch(name, &PatchParams::default(), &Patch::Merge(&release)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_grant_removes_its_secrets_and_the_operator_does_not_recreate_them_even_with_its_grant_watch_lagging()
  {
@@ -40,48 +78,61 @@ async fn deleting_a_grant_removes_its_secrets_and_the_operator_does_not_recreate
     for name in ["alice", "bob"] {
         env.create_authorized_grant(name).await;
     }
+    // Refused at its first attempt: never served, the refusal kept in its state Secret.
+    env.create_grant("carol", "not-a-refresh-token-hydra-issued", |_| {}).await;
     let proxy = WatchLagProxy::start(env.cp.url(), env.cp.ca_pem(), "wgtwogrants").unwrap();
     let kubeconfig = env.operator_kubeconfig_via(&proxy.url(), proxy.ca_pem());
     let _operator = env.start_operator_using(&[], &kubeconfig);
     for name in ["alice", "bob"] {
         env.wait_ready(name, "True", "Refreshed", Duration::from_secs(30)).await;
     }
+    env.wait_ready("carol", "False", "InvalidGrant", Duration::from_secs(30)).await;
+    assert!(env.secrets().get_opt("carol-wgtwo-state").await.unwrap().is_some(), "the refusal is kept");
     let requests = env.hydra.token_requests();
+    let created = record_created(&env).await;
     // From here the operator learns of a grant's deletion LAG late, and of its Secrets' deletion at
     // once: what it sees first is a grant that looks live and has lost its Secrets.
     proxy.set_lag(LAG);
+    let lagged = proxy.lagged_chunks();
 
-    // Foreground deletion, held open by a finalizer of ours: the garbage collector deletes the
-    // Secrets while the grant still exists (with a deletionTimestamp), and each deletion wakes the
-    // operator for that grant.
-    let hold = serde_json::json!({"metadata": {"finalizers": ["test.example/hold"]}});
-    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&hold)).await.unwrap();
-    let foreground = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..Default::default() };
-    env.grants().delete("alice", &foreground).await.unwrap();
-    wait_gone(&env, "alice-token").await;
-    wait_gone(&env, "alice-wgtwo-state").await;
-    // Until the lagging watch has delivered the deletion, and a while after.
+    for name in ["alice", "carol"] {
+        delete_held(&env, name).await;
+    }
+    for secret in ["alice-token", "alice-wgtwo-state", "carol-wgtwo-state"] {
+        wait_gone(&env, secret).await;
+    }
+    // Until the lagging watch has delivered the deletions, and a while after.
     tokio::time::sleep(LAG + Duration::from_secs(4)).await;
-    assert!(env.grants().get_opt("alice").await.unwrap().is_some(), "the finalizer holds the grant");
-    for secret in ["alice-token", "alice-wgtwo-state"] {
+    assert!(proxy.lagged_chunks() > lagged, "the operator's grant watch did not lag: the test proves nothing");
+    for name in ["alice", "carol"] {
+        assert!(env.grants().get_opt(name).await.unwrap().is_some(), "the finalizer holds {name}");
+    }
+    for secret in ["alice-token", "alice-wgtwo-state", "carol-wgtwo-state"] {
         assert!(
             env.secrets().get_opt(secret).await.unwrap().is_none(),
-            "{secret} was recreated for a deleted grant; the operator's log:\n{}",
+            "{secret} was recreated for a grant being deleted; the operator's log:\n{}",
             log_of(&env)
         );
     }
     assert_eq!(env.hydra.token_requests(), requests, "a grant being deleted was refreshed:\n{}", log_of(&env));
-    let release = serde_json::json!({"metadata": {"finalizers": null}});
-    env.grants().patch("alice", &PatchParams::default(), &Patch::Merge(&release)).await.unwrap();
+    for name in ["alice", "carol"] {
+        release(&env, name).await;
+    }
 
     // Background deletion (kubectl's default): the Secrets go after the grant.
+    let lagged = proxy.lagged_chunks();
     env.grants().delete("bob", &DeleteParams::default()).await.unwrap();
     wait_gone(&env, "bob-token").await;
     wait_gone(&env, "bob-wgtwo-state").await;
     tokio::time::sleep(LAG + Duration::from_secs(4)).await;
-    for secret in ["alice-token", "alice-wgtwo-state", "bob-token", "bob-wgtwo-state"] {
+    assert!(proxy.lagged_chunks() > lagged, "the operator's grant watch did not lag: the test proves nothing");
+    let gone = ["alice-token", "alice-wgtwo-state", "carol-wgtwo-state", "bob-token", "bob-wgtwo-state"];
+    for secret in gone {
         assert!(env.secrets().get_opt(secret).await.unwrap().is_none(), "{secret} came back:\n{}", log_of(&env));
     }
+    let recreated: Vec<String> =
+        created.lock().unwrap().iter().filter(|n| gone.contains(&n.as_str())).cloned().collect();
+    assert!(recreated.is_empty(), "recreated for a deleted grant: {recreated:?}\n{}", log_of(&env));
     assert_eq!(env.hydra.token_requests(), requests, "a deleted grant was refreshed:\n{}", log_of(&env));
     // The user's own Secrets (inputs) are not owned by the grant and stay.
     assert!(env.secrets().get_opt("alice-authorization").await.unwrap().is_some());

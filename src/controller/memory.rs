@@ -91,6 +91,9 @@ struct GrantMemory {
     /// A refresh request answered and published whose status write failed: handled all the same,
     /// until the status says so.
     handled: Option<Box<str>>,
+    /// A state or target Secret of this grant was deleted since the grant was last read from the
+    /// apiserver: see `Run::deleted_with_its_secrets`.
+    secrets_vanished: bool,
 }
 
 /// A template check's outcome and the template's hash it was made for (not the generation: a grant
@@ -182,6 +185,24 @@ impl Memory {
             return None;
         }
         Some(handled.to_owned())
+    }
+
+    /// Remembers that a state or target Secret of this grant was deleted.
+    pub fn secret_vanished(&self, key: &ObjectRef<WgtwoGrant>) {
+        self.grants.lock().unwrap().entry(slim(key)).or_default().secrets_vanished = true;
+    }
+
+    /// Whether a Secret of this grant was deleted since [`Self::grant_confirmed`].
+    pub fn secrets_vanished(&self, key: &ObjectRef<WgtwoGrant>) -> bool {
+        self.grants.lock().unwrap().get(key).is_some_and(|m| m.secrets_vanished)
+    }
+
+    /// The grant was read from the apiserver and is live: its vanished Secrets were not taken by
+    /// its deletion.
+    pub fn grant_confirmed(&self, key: &ObjectRef<WgtwoGrant>) {
+        if let Some(m) = self.grants.lock().unwrap().get_mut(key) {
+            m.secrets_vanished = false;
+        }
     }
 
     /// Remembers a status this process wrote (at `version`) until the watch shows it.

@@ -415,7 +415,8 @@ impl Run<'_> {
                 self.unjournal();
             }
             let target = self.owned(&self.grant.spec.target_secret).await?;
-            if self.deleted_with_its_secrets(state.as_ref(), target.as_ref()).await? {
+            // Holding an answer for them is sign enough that they existed or are about to.
+            if self.deleted_with_its_secrets(true, state.as_ref(), target.as_ref()).await? {
                 return Ok(Next::await_change());
             }
             let published = target.as_ref().and_then(target::published_token);
@@ -476,7 +477,8 @@ impl Run<'_> {
             None => None,
         };
         let target_secret = self.owned(&spec.target_secret).await?;
-        if self.deleted_with_its_secrets(state_secret.as_ref(), target_secret.as_ref()).await? {
+        let seen_gone = self.ctx.memory.secrets_vanished(&self.key);
+        if self.deleted_with_its_secrets(seen_gone, state_secret.as_ref(), target_secret.as_ref()).await? {
             return Ok(Next::await_change());
         }
         for (secret, what, why) in [
@@ -533,27 +535,41 @@ impl Run<'_> {
     }
 
     /// Whether the grant is being deleted (or is gone) although the cached copy does not show it,
-    /// asked only when Secrets it keeps are missing after it was served: the garbage collector
-    /// deletes them once the grant is being deleted, and the Secret watch may show that before the
-    /// grant watch does. Refreshing then would bring the Secrets back for a grant being deleted
-    /// and, without the state, present the authorization's refresh token again (used long ago: a
-    /// reuse, which revokes the lineage). A consistent read of the grant tells; if deleted, it is
-    /// forgotten as if its watch had shown the deletion.
-    async fn deleted_with_its_secrets(&self, state: Option<&Secret>, target: Option<&Secret>) -> Result<bool, Error> {
+    /// asked only when Secrets it keeps are missing and were there before (`seen_gone`, or the
+    /// status shows it served): the garbage collector deletes them once the grant is being
+    /// deleted, and the Secret watch may show that before the grant watch does. Refreshing then
+    /// would bring the Secrets back for a grant being deleted and, without the state, present the
+    /// authorization's refresh token again (used long ago: a reuse, which revokes the lineage). A
+    /// consistent read of the grant tells; if deleted, it is forgotten as if its watch had shown
+    /// the deletion.
+    async fn deleted_with_its_secrets(
+        &self,
+        seen_gone: bool,
+        state: Option<&Secret>,
+        target: Option<&Secret>,
+    ) -> Result<bool, Error> {
         let keeps_state = self.grant.spec.refresh_token.is_some();
-        if !status::secrets_lost(self.current_status().as_ref(), keeps_state, state.is_some(), target.is_some()) {
+        let status = self.current_status();
+        if !status::secrets_lost(status.as_ref(), seen_gone, keeps_state, state.is_some(), target.is_some()) {
             return Ok(false);
         }
         let stored = self.grants.get_metadata_opt(&self.grant.name_any()).await?;
-        let deleted =
-            stored.is_none_or(|g| g.metadata.uid != self.grant.uid() || g.metadata.deletion_timestamp.is_some());
-        if deleted {
-            debug!(
-                "its Secrets are gone and the grant is being deleted (before its watch showed it): nothing is written"
-            );
-            self.ctx.forget(&self.key);
-        }
-        Ok(deleted)
+        let why = match stored {
+            None => "deleted",
+            Some(g) if g.metadata.uid != self.grant.uid() => "deleted and created again",
+            Some(g) if g.metadata.deletion_timestamp.is_some() => "being deleted",
+            Some(_) => {
+                // Live: someone else deleted its Secrets; they are written again.
+                self.ctx.memory.grant_confirmed(&self.key);
+                return Ok(false);
+            }
+        };
+        debug!(
+            grant_is = why,
+            "its Secrets went with the grant, which its watch had not shown yet: nothing is written"
+        );
+        self.ctx.forget(&self.key);
+        Ok(true)
     }
 
     /// When to renew the published token (the same schedule for both grant types).

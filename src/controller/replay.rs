@@ -181,9 +181,10 @@ fn transient(err: &kube::Error) -> bool {
 async fn replay_one(client: &kube::Client, journal: &Journal, entry: &Entry) -> Result<Verdict, kube::Error> {
     let grants: Api<WgtwoGrant> = Api::namespaced(client.clone(), &entry.namespace);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &entry.namespace);
-    // Listed by name: the operator may list and watch grants, not get them one by one.
+    // Listed by name (a consistent read). A grant being deleted counts as gone: its Secrets go
+    // with it, and a state Secret written now could outlive their garbage collection.
     let by_name = ListParams::default().fields(&format!("metadata.name={}", entry.name));
-    let grant = grants.list(&by_name).await?.items.into_iter().next();
+    let grant = grants.list(&by_name).await?.items.into_iter().find(|g| g.metadata.deletion_timestamp.is_none());
     let state_name = lineage::state_secret_name(&entry.name);
     let stored = secrets.get_opt(&state_name).await?;
     let state = stored.as_ref().and_then(|s| s.data.as_ref()).and_then(lineage::decode);

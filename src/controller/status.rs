@@ -81,13 +81,22 @@ pub fn retry_not_before(status: Option<&WgtwoGrantStatus>, generation: Option<i6
         .flatten()
 }
 
-/// Whether a grant that was served (its status records a published token) has lost a Secret it
-/// keeps: the target, or the state of a subscriber's grant. Kubernetes' garbage collector does
-/// that once the grant is being deleted, which the grant watch may show after the Secret watch
-/// (watches of different resources are not ordered), so it is the sign to read the grant itself.
-pub fn secrets_lost(status: Option<&WgtwoGrantStatus>, keeps_state: bool, has_state: bool, has_target: bool) -> bool {
+/// Whether a grant has lost a Secret it keeps (the target, or the state of a subscriber's grant)
+/// by all signs: it was served (its status records a published token), or `seen_gone` (this
+/// process saw one of them deleted, or holds an answer for them). Kubernetes' garbage collector
+/// deletes them once the grant is being deleted, which the grant watch may show after the Secret
+/// watch (watches of different resources are not ordered), so it is the sign to read the grant
+/// itself. A grant with neither sign is new (or never got that far): nothing to read.
+pub fn secrets_lost(
+    status: Option<&WgtwoGrantStatus>,
+    seen_gone: bool,
+    keeps_state: bool,
+    has_state: bool,
+    has_target: bool,
+) -> bool {
     let served = status.is_some_and(|s| s.last_refresh_time.is_some());
-    served && (!has_target || (keeps_state && !has_state))
+    let missing = !has_target || (keeps_state && !has_state);
+    (served || seen_gone) && missing
 }
 
 /// The status with `condition` as its Ready condition (other conditions kept).
@@ -115,18 +124,23 @@ mod tests {
     }
 
     #[test]
-    fn secrets_count_as_lost_only_once_the_grant_was_served_and_state_only_where_one_is_kept() {
+    fn secrets_count_as_lost_once_the_grant_was_served_or_one_was_seen_gone_and_state_only_where_one_is_kept() {
         let t0 = Timestamp::from_second(1_700_000_000).unwrap();
         let served = WgtwoGrantStatus { last_refresh_time: Some(Time(t0)), ..Default::default() };
         let never = WgtwoGrantStatus::default();
-        // (status, keeps state, has state, has target)
-        assert!(secrets_lost(Some(&served), true, true, false));
-        assert!(secrets_lost(Some(&served), true, false, true));
-        assert!(secrets_lost(Some(&served), false, false, false));
-        assert!(!secrets_lost(Some(&served), true, true, true));
-        assert!(!secrets_lost(Some(&served), false, false, true), "a product grant keeps no state");
-        assert!(!secrets_lost(Some(&never), true, false, false), "a new grant has nothing yet");
-        assert!(!secrets_lost(None, true, false, false));
+        // (status, seen gone, keeps state, has state, has target)
+        assert!(secrets_lost(Some(&served), false, true, true, false));
+        assert!(secrets_lost(Some(&served), false, true, false, true));
+        assert!(secrets_lost(Some(&served), false, false, false, false));
+        assert!(!secrets_lost(Some(&served), false, true, true, true));
+        assert!(!secrets_lost(Some(&served), false, false, false, true), "a product grant keeps no state");
+        assert!(!secrets_lost(Some(&never), false, true, false, false), "a new grant has nothing yet");
+        assert!(!secrets_lost(None, false, true, false, false));
+        // Never served (e.g. refused at its first attempt, the refusal kept in its state Secret),
+        // but its state Secret was seen deleted.
+        assert!(secrets_lost(Some(&never), true, true, false, false));
+        assert!(secrets_lost(None, true, false, false, false));
+        assert!(!secrets_lost(None, true, true, true, true), "nothing is missing (written again since)");
     }
 
     #[test]

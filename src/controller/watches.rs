@@ -132,6 +132,7 @@ pub async fn run(
         });
     // The operator's own Secrets (state and target) with their data, kept as the few keys it reads.
     let (owned_cache, owned_done) = (cache.clone(), mark_synced);
+    let vanish_ctx = ctx.clone();
     let owned_changes = watcher(secrets, watch_config(streaming).labels(&format!("{LABEL_MANAGED_BY}={MANAGER}")))
         .default_backoff()
         .modify(secret_cache::strip)
@@ -144,6 +145,14 @@ pub async fn run(
                 _ => false,
             };
             owned_cache.apply_owned(&event);
+            if let watcher::Event::Delete(s) = &event
+                && let Some(grant) = grant_of::<WgtwoGrant>(s)
+                && vanish_ctx.cached(&grant).is_some()
+            {
+                // Possibly the garbage collector's work for a grant being deleted, which the grant
+                // watch may show later: its next reconcile reads the grant before writing.
+                vanish_ctx.memory.secret_vanished(&grant);
+            }
             std::future::ready(Ok(match event {
                 watcher::Event::Apply(s) if !known => Some(s),
                 watcher::Event::Delete(s) => Some(s),
@@ -158,10 +167,7 @@ pub async fn run(
     controller
         .watches_stream(secret_changes, move |secret| users_of(&by_meta, &secret.namespace(), &secret.name_any()))
         // The operator's own Secrets name their grant in a label.
-        .watches_stream(owned_changes, |secret| {
-            let grant = secret.labels().get(LABEL_GRANT).cloned();
-            grant.map(|name| ObjectRef::new(&name).within(&secret.namespace().unwrap_or_default()))
-        })
+        .watches_stream(owned_changes, |secret| grant_of(&secret))
         // A standby ignores everything; on becoming the leader it looks at every grant.
         .reconcile_all_on(shared.leadership.became_leader())
         // Next refreshes, rechecks and retries (kept compactly, not in kube's scheduler).
@@ -221,6 +227,12 @@ pub(super) async fn persist_kept(ctx: &Arc<Context>, deadline: tokio::time::Inst
         tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + delay)).await;
         delay = (delay * 2).min(Duration::from_secs(2));
     }
+}
+
+/// The grant an operator-written Secret belongs to, by its label.
+fn grant_of<K: Resource<DynamicType = ()>>(secret: &Secret) -> Option<ObjectRef<K>> {
+    let name = secret.labels().get(LABEL_GRANT)?;
+    Some(ObjectRef::new(name).within(&secret.namespace().unwrap_or_default()))
 }
 
 /// A predicate: the grant's refresh request (the only annotation the grant cache keeps).

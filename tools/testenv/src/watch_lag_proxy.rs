@@ -25,6 +25,7 @@ pub struct WatchLagProxy {
     port: u16,
     ca_pem: String,
     lag_ms: Arc<AtomicU64>,
+    lagged: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -34,6 +35,8 @@ struct Upstream {
     /// The resource (plural, e.g. `wgtwogrants`) whose watches lag.
     resource: String,
     lag_ms: Arc<AtomicU64>,
+    /// Chunks passed on later than they arrived.
+    lagged: Arc<AtomicU64>,
 }
 
 impl WatchLagProxy {
@@ -49,24 +52,30 @@ impl WatchLagProxy {
             .add_root_certificate(reqwest::Certificate::from_pem(upstream_ca_pem.as_bytes())?)
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        let lag_ms = Arc::new(AtomicU64::new(0));
+        let (lag_ms, lagged) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let up = Upstream {
             base: url::Url::parse(upstream)?,
             client,
             resource: resource.to_owned(),
             lag_ms: lag_ms.clone(),
+            lagged: lagged.clone(),
         };
         let app = Router::new().fallback(forward).with_state(Arc::new(up));
         let task = tokio::spawn(async move {
             let _ = axum::serve(tls, app).await;
         });
-        Ok(Self { port, ca_pem: ca.pem(), lag_ms, task })
+        Ok(Self { port, ca_pem: ca.pem(), lag_ms, lagged, task })
     }
 
     /// From now on, every chunk a watch of the resource receives is passed on `lag` after it arrived
     /// (zero: at once). Chunks already waiting keep the lag they arrived with.
     pub fn set_lag(&self, lag: Duration) {
         self.lag_ms.store(lag.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// How many watch chunks so far were passed on late (so a test knows its lag took effect).
+    pub fn lagged_chunks(&self) -> u64 {
+        self.lagged.load(Ordering::SeqCst)
     }
 
     /// `https://127.0.0.1:PORT`.
@@ -122,20 +131,29 @@ async fn forward(State(up): State<Arc<Upstream>>, request: Request) -> Response 
             // Each chunk is stamped when it arrives and released once its lag has passed; a reader
             // task keeps receiving meanwhile, so later chunks are not delayed by earlier ones' wait.
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let lag_ms = up.lag_ms.clone();
+            let (lag_ms, lagged) = (up.lag_ms.clone(), up.lagged.clone());
             tokio::spawn(async move {
                 let mut chunks = chunks;
-                while let Some(chunk) = chunks.next().await {
-                    let due = Instant::now() + Duration::from_millis(lag_ms.load(Ordering::SeqCst));
-                    if tx.send((due, chunk)).is_err() {
+                loop {
+                    // Ends with the client's body too (the upstream watch is then closed).
+                    let chunk = tokio::select! {
+                        chunk = chunks.next() => chunk,
+                        _ = tx.closed() => None,
+                    };
+                    let Some(chunk) = chunk else { return };
+                    let lag = Duration::from_millis(lag_ms.load(Ordering::SeqCst));
+                    if tx.send((Instant::now() + lag, !lag.is_zero(), chunk)).is_err() {
                         return;
                     }
                 }
             });
-            let released = futures::stream::unfold(rx, |mut rx| async move {
-                let (due, chunk) = rx.recv().await?;
+            let released = futures::stream::unfold((rx, lagged), |(mut rx, lagged)| async move {
+                let (due, late, chunk) = rx.recv().await?;
                 tokio::time::sleep_until(due.into()).await;
-                Some((chunk, rx))
+                if late {
+                    lagged.fetch_add(1, Ordering::SeqCst);
+                }
+                Some((chunk, (rx, lagged)))
             });
             Body::from_stream(released)
         }
