@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,22 +39,47 @@ fn log_of(env: &Env) -> String {
     logs.lines().filter(|l| l.contains("grant=")).collect::<Vec<_>>().join("\n")
 }
 
-/// Names of the Secrets created in the test namespace from now on (a recreated Secret shows even if
-/// the collector deletes it again at once).
-async fn record_created(env: &Env) -> Arc<Mutex<Vec<String>>> {
-    let version = env.secrets().list_metadata(&ListParams::default().limit(1)).await.unwrap().metadata.resource_version;
-    let mut events =
-        env.secrets().watch(&WatchParams::default().timeout(280), &version.unwrap()).await.unwrap().boxed();
-    let created = Arc::new(Mutex::new(Vec::new()));
-    let names = created.clone();
-    tokio::spawn(async move {
-        while let Some(Ok(event)) = events.next().await {
-            if let WatchEvent::Added(secret) = event {
-                names.lock().unwrap().push(Secret::name_any(&secret));
+/// The Secrets created in the test namespace from now on (a recreated Secret shows even if the
+/// collector deletes it again at once).
+struct Created {
+    names: Arc<Mutex<Vec<String>>>,
+    ended: Arc<AtomicBool>,
+}
+
+impl Created {
+    async fn record(env: &Env) -> Self {
+        let list = env.secrets().list_metadata(&ListParams::default().limit(1)).await.unwrap();
+        let version = list.metadata.resource_version.unwrap();
+        let mut events = env.secrets().watch(&WatchParams::default().timeout(280), &version).await.unwrap().boxed();
+        let (names, ended) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
+        let (n, e) = (names.clone(), ended.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(event)) = events.next().await {
+                match event {
+                    WatchEvent::Added(secret) => n.lock().unwrap().push(Secret::name_any(&secret)),
+                    WatchEvent::Error(_) => break,
+                    _ => {}
+                }
             }
-        }
-    });
-    created
+            e.store(true, Ordering::SeqCst);
+        });
+        Self { names, ended }
+    }
+
+    /// Those of `names` created so far; fails if the watch ended (it would have missed some).
+    fn of(&self, names: &[&str]) -> Vec<String> {
+        assert!(!self.ended.load(Ordering::SeqCst), "the watch recording created Secrets ended early");
+        self.names.lock().unwrap().iter().filter(|n| names.contains(&n.as_str())).cloned().collect()
+    }
+}
+
+/// Whether the operator read `grant` from the apiserver and found it deleted or being deleted
+/// before its lagging watch showed it (else the collector was slower than the lag, and the race
+/// this test is about did not happen).
+fn read_before_its_watch_showed(env: &Env, grant: &str) -> bool {
+    let logs = support::operator_logs(env).join("\n");
+    let grant = format!("grant=\"{grant}\"");
+    logs.lines().any(|l| l.contains(&grant) && l.contains("which its watch had not shown yet"))
 }
 
 /// Deletes `name` in the foreground, held open by a finalizer of ours: the garbage collector deletes
@@ -89,7 +115,7 @@ async fn deleting_a_grant_removes_its_secrets_and_the_operator_does_not_recreate
     env.wait_ready("carol", "False", "InvalidGrant", Duration::from_secs(30)).await;
     assert!(env.secrets().get_opt("carol-wgtwo-state").await.unwrap().is_some(), "the refusal is kept");
     let requests = env.hydra.token_requests();
-    let created = record_created(&env).await;
+    let created = Created::record(&env).await;
     // From here the operator learns of a grant's deletion LAG late, and of its Secrets' deletion at
     // once: what it sees first is a grant that looks live and has lost its Secrets.
     proxy.set_lag(LAG);
@@ -104,36 +130,47 @@ async fn deleting_a_grant_removes_its_secrets_and_the_operator_does_not_recreate
     // Until the lagging watch has delivered the deletions, and a while after.
     tokio::time::sleep(LAG + Duration::from_secs(4)).await;
     assert!(proxy.lagged_chunks() > lagged, "the operator's grant watch did not lag: the test proves nothing");
-    for name in ["alice", "carol"] {
-        assert!(env.grants().get_opt(name).await.unwrap().is_some(), "the finalizer holds {name}");
-    }
-    for secret in ["alice-token", "alice-wgtwo-state", "carol-wgtwo-state"] {
+    let held = ["alice-token", "alice-wgtwo-state", "carol-wgtwo-state"];
+    for secret in held {
         assert!(
             env.secrets().get_opt(secret).await.unwrap().is_none(),
             "{secret} was recreated for a grant being deleted; the operator's log:\n{}",
             log_of(&env)
         );
     }
+    let recreated = created.of(&held);
+    assert!(recreated.is_empty(), "recreated for a grant being deleted: {recreated:?}\n{}", log_of(&env));
     assert_eq!(env.hydra.token_requests(), requests, "a grant being deleted was refreshed:\n{}", log_of(&env));
+    // Last, that the race happened at all: else the above proves nothing.
+    for name in ["alice", "carol"] {
+        assert!(env.grants().get_opt(name).await.unwrap().is_some(), "the finalizer holds {name}");
+        assert!(
+            read_before_its_watch_showed(&env, name),
+            "the operator never saw {name}'s Secrets gone before its deletion (the collector slower than the lag?):\n{}",
+            log_of(&env)
+        );
+    }
     for name in ["alice", "carol"] {
         release(&env, name).await;
     }
 
     // Background deletion (kubectl's default): the Secrets go after the grant.
-    let lagged = proxy.lagged_chunks();
     env.grants().delete("bob", &DeleteParams::default()).await.unwrap();
     wait_gone(&env, "bob-token").await;
     wait_gone(&env, "bob-wgtwo-state").await;
     tokio::time::sleep(LAG + Duration::from_secs(4)).await;
-    assert!(proxy.lagged_chunks() > lagged, "the operator's grant watch did not lag: the test proves nothing");
     let gone = ["alice-token", "alice-wgtwo-state", "carol-wgtwo-state", "bob-token", "bob-wgtwo-state"];
     for secret in gone {
         assert!(env.secrets().get_opt(secret).await.unwrap().is_none(), "{secret} came back:\n{}", log_of(&env));
     }
-    let recreated: Vec<String> =
-        created.lock().unwrap().iter().filter(|n| gone.contains(&n.as_str())).cloned().collect();
+    let recreated = created.of(&gone);
     assert!(recreated.is_empty(), "recreated for a deleted grant: {recreated:?}\n{}", log_of(&env));
     assert_eq!(env.hydra.token_requests(), requests, "a deleted grant was refreshed:\n{}", log_of(&env));
+    assert!(
+        read_before_its_watch_showed(&env, "bob"),
+        "the operator never saw bob's Secrets gone before its deletion (the collector slower than the lag?):\n{}",
+        log_of(&env)
+    );
     // The user's own Secrets (inputs) are not owned by the grant and stay.
     assert!(env.secrets().get_opt("alice-authorization").await.unwrap().is_some());
 }

@@ -92,7 +92,7 @@ struct GrantMemory {
     /// until the status says so.
     handled: Option<Box<str>>,
     /// A state or target Secret of this grant was deleted since the grant was last read from the
-    /// apiserver: see `Run::deleted_with_its_secrets`.
+    /// apiserver (or since that sign was last looked at): see `Run::deleted_with_its_secrets`.
     secrets_vanished: bool,
 }
 
@@ -188,21 +188,14 @@ impl Memory {
     }
 
     /// Remembers that a state or target Secret of this grant was deleted.
-    pub fn secret_vanished(&self, key: &ObjectRef<WgtwoGrant>) {
+    pub fn mark_secret_vanished(&self, key: &ObjectRef<WgtwoGrant>) {
         self.grants.lock().unwrap().entry(slim(key)).or_default().secrets_vanished = true;
     }
 
-    /// Whether a Secret of this grant was deleted since [`Self::grant_confirmed`].
-    pub fn secrets_vanished(&self, key: &ObjectRef<WgtwoGrant>) -> bool {
-        self.grants.lock().unwrap().get(key).is_some_and(|m| m.secrets_vanished)
-    }
-
-    /// The grant was read from the apiserver and is live: its vanished Secrets were not taken by
-    /// its deletion.
-    pub fn grant_confirmed(&self, key: &ObjectRef<WgtwoGrant>) {
-        if let Some(m) = self.grants.lock().unwrap().get_mut(key) {
-            m.secrets_vanished = false;
-        }
+    /// Whether a Secret of this grant was deleted since the last call, which clears it: a deletion
+    /// seen while the grant is being read from the apiserver is kept for the next reconcile.
+    pub fn take_secrets_vanished(&self, key: &ObjectRef<WgtwoGrant>) -> bool {
+        self.grants.lock().unwrap().get_mut(key).is_some_and(|m| std::mem::take(&mut m.secrets_vanished))
     }
 
     /// Remembers a status this process wrote (at `version`) until the watch shows it.

@@ -415,9 +415,15 @@ impl Run<'_> {
                 self.unjournal();
             }
             let target = self.owned(&self.grant.spec.target_secret).await?;
-            // Holding an answer for them is sign enough that they existed or are about to.
-            if self.deleted_with_its_secrets(true, state.as_ref(), target.as_ref()).await? {
-                return Ok(Next::await_change());
+            // Holding an answer for them is sign enough that they existed or are about to. A failed
+            // read is no sign of a deletion: the answer is written (for a deleted grant, the
+            // collector removes what is written; a live grant's rotated token must not wait).
+            match self.deleted_with_its_secrets(true, state.as_ref(), target.as_ref()).await {
+                Ok(true) => return Ok(Next::await_change()),
+                Ok(false) => {}
+                Err(err) => {
+                    warn!(error = %err, "could not read the grant to tell whether it is being deleted; writing its kept answer")
+                }
             }
             let published = target.as_ref().and_then(target::published_token);
             if !publish_kept(&pending, published) {
@@ -477,8 +483,13 @@ impl Run<'_> {
             None => None,
         };
         let target_secret = self.owned(&spec.target_secret).await?;
-        let seen_gone = self.ctx.memory.secrets_vanished(&self.key);
-        if self.deleted_with_its_secrets(seen_gone, state_secret.as_ref(), target_secret.as_ref()).await? {
+        let seen_gone = self.ctx.memory.take_secrets_vanished(&self.key);
+        let deleted = self.deleted_with_its_secrets(seen_gone, state_secret.as_ref(), target_secret.as_ref()).await;
+        if deleted.is_err() && seen_gone {
+            // Not known yet: the next reconcile asks again.
+            self.ctx.memory.mark_secret_vanished(&self.key);
+        }
+        if deleted? {
             return Ok(Next::await_change());
         }
         for (secret, what, why) in [
@@ -558,11 +569,8 @@ impl Run<'_> {
             None => "deleted",
             Some(g) if g.metadata.uid != self.grant.uid() => "deleted and created again",
             Some(g) if g.metadata.deletion_timestamp.is_some() => "being deleted",
-            Some(_) => {
-                // Live: someone else deleted its Secrets; they are written again.
-                self.ctx.memory.grant_confirmed(&self.key);
-                return Ok(false);
-            }
+            // Live: someone else deleted its Secrets; they are written again.
+            Some(_) => return Ok(false),
         };
         debug!(
             grant_is = why,

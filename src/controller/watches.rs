@@ -151,7 +151,7 @@ pub async fn run(
             {
                 // Possibly the garbage collector's work for a grant being deleted, which the grant
                 // watch may show later: its next reconcile reads the grant before writing.
-                vanish_ctx.memory.secret_vanished(&grant);
+                vanish_ctx.memory.mark_secret_vanished(&grant);
             }
             std::future::ready(Ok(match event {
                 watcher::Event::Apply(s) if !known => Some(s),

@@ -25,8 +25,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/* The rules the operator needs on grants, their Secrets and Events, wherever grants live. */}}
 {{- define "wgtwo-operator.grantRules" -}}
 # list/watch: grants come from the watch cache.
-# get: only when a served grant's Secrets have vanished, to tell a deletion the watch has not shown
-# yet (the garbage collector removes them) from Secrets deleted by hand.
+# get: only when Secrets a grant keeps have vanished, to tell its deletion (the garbage collector
+# removes them, possibly before the watch shows the grant going) from Secrets deleted by hand.
 - apiGroups: ["auth.wgtwo.com"]
   resources: ["wgtwogrants"]
   verbs: ["get", "list", "watch"]
