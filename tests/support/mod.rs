@@ -241,12 +241,8 @@ impl Env {
     /// A copy of the operator's kubeconfig that reaches the apiserver through `port` on loopback
     /// (e.g. a `TcpProxy`).
     pub fn operator_kubeconfig_through(&self, port: u16) -> PathBuf {
-        let text = std::fs::read_to_string(&self.operator_kubeconfig).unwrap();
-        let through = text.replace(self.cp.url(), &format!("https://127.0.0.1:{port}"));
-        assert_ne!(text, through, "the kubeconfig names the apiserver");
-        let path = self.dir.path().join(format!("operator-through-{port}.kubeconfig"));
-        std::fs::write(&path, through).unwrap();
-        path
+        // TLS passes through: the apiserver's own CA.
+        self.operator_kubeconfig_via(&format!("https://127.0.0.1:{port}"), self.cp.ca_pem())
     }
 
     /// A copy of the operator's kubeconfig that reaches the apiserver at `url`, trusting `ca_pem`
