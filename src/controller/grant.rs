@@ -75,6 +75,17 @@ impl Grant {
             None => name,
         }
     }
+
+    /// Whether this copy asks for a look that `old` (the cached copy, if any) did not: another
+    /// object under the name, a spec change (generation), or a refresh request. A status write
+    /// does not (after a failed refresh it must not bypass the backoff).
+    pub fn changed_from(&self, old: Option<&Grant>) -> bool {
+        old.is_none_or(|old| {
+            old.metadata.uid != self.metadata.uid
+                || old.metadata.generation != self.metadata.generation
+                || old.refresh_requested != self.refresh_requested
+        })
+    }
 }
 
 /// The newer of two copies of a grant: the one a reconcile was dispatched with, and the cache's
@@ -251,6 +262,22 @@ mod tests {
         assert_eq!(handled(newest(&dispatched, Some(&copy("u1", "9", "older")))), "first");
         assert_eq!(handled(newest(&dispatched, Some(&copy("u2", "12", "recreated")))), "first");
         assert_eq!(handled(newest(&dispatched, None)), "first");
+    }
+
+    #[test]
+    fn a_grant_asks_for_a_look_when_it_is_new_or_its_spec_or_refresh_request_changed_not_its_status() {
+        let grant = |uid: &str, generation: i64, request: Option<&str>, handled: &str| {
+            let mut g = copy(uid, "10", handled);
+            g.metadata.generation = Some(generation);
+            g.refresh_requested = request.map(Into::into);
+            g
+        };
+        let cached = grant("u1", 1, None, "x");
+        assert!(cached.changed_from(None), "first seen");
+        assert!(!grant("u1", 1, None, "y").changed_from(Some(&cached)), "a status write");
+        assert!(grant("u1", 2, None, "x").changed_from(Some(&cached)), "a spec change");
+        assert!(grant("u1", 1, Some("now"), "x").changed_from(Some(&cached)), "a refresh request");
+        assert!(grant("u2", 1, None, "x").changed_from(Some(&cached)), "deleted and created again");
     }
 
     #[test]

@@ -58,7 +58,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, instrument, warn};
@@ -231,6 +231,13 @@ impl Context {
         for (key, pending) in std::mem::take(&mut *shared.replayed.lock().unwrap()) {
             memory.keep(&key, pending);
         }
+        // Twice the reconciles that may run at once: each slot has its next grant waiting (with
+        // no bound on them, still a bound on kube's scheduler; its runner still takes every grant
+        // it is handed at once).
+        let timers = Arc::new(timers::Timers::new(match options.concurrency {
+            0 => 1024,
+            n => 2 * usize::from(n),
+        }));
         let series = Arc::new(series::Series::new(grants.clone(), memory.clone()));
         let weak: std::sync::Weak<dyn metrics::GrantSeries> = Arc::downgrade(&series) as _;
         shared.metrics.set_grant_series(weak);
@@ -244,7 +251,7 @@ impl Context {
             grants,
             cache,
             products: Default::default(),
-            timers: Default::default(),
+            timers,
             index,
         }
     }
@@ -346,6 +353,8 @@ struct Run<'a> {
 #[instrument(skip_all, fields(namespace = grant.metadata.namespace.as_deref().unwrap_or(""), grant = grant.metadata.name.as_deref().unwrap_or("")))]
 async fn reconcile(grant: Arc<Grant>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = grant.key();
+    // Room for the timers to hand the Controller another grant.
+    ctx.timers.started(key.namespace.as_deref().unwrap_or_default(), &key.name);
     let next = reconcile_grant(&grant, &ctx, key.clone()).await?;
     Ok(ctx.timers.schedule(&key, next))
 }

@@ -371,12 +371,15 @@ impl SecretCache {
         (epoch != 0 && kept.own == epoch).then(|| kept.meta.resource_version.to_string())
     }
 
-    /// Confirms the kept copies of the operator's Secrets with one consistent LIST (by label, paged,
-    /// one snapshot), once per leadership term `epoch` (read before the call): a copy kept at the
-    /// listed version becomes an own copy of the term. Nothing else changes: a copy at another
-    /// version, or a Secret not kept (deleted since the snapshot, or not delivered by the watch
-    /// yet), still needs its own read. Instead of a GET per grant before its first token request in
-    /// a term. A failed LIST is tried again after [`LIST_RETRY`] (reads fall back to GETs).
+    /// Confirms the kept copies of the operator's Secrets with one consistent LIST (by label,
+    /// metadata only, paged, one snapshot), once per leadership term `epoch` (read before the
+    /// call): a copy kept at the listed version becomes an own copy of the term. Nothing else
+    /// changes: a copy at another version, or a Secret not kept (deleted since the snapshot, or not
+    /// delivered by the watch yet), still needs its own read, and so does one not listed (only a
+    /// read just before the token request tells it does not exist: a previous leader may still
+    /// write a kept answer, a relist may drop copies, a relabelled one is in neither watch for a
+    /// moment). Instead of a GET per grant before its first token request in a term. A failed LIST
+    /// is tried again after [`LIST_RETRY`] (reads fall back to GETs).
     pub async fn confirm_owned(&self, api: &Api<Secret>, epoch: u64) -> Result<(), kube::Error> {
         let _one = self.listing.lock().await;
         // Not for a term that has ended (it waited for another LIST: it could only undo the new
@@ -387,9 +390,10 @@ impl SecretCache {
             return Ok(());
         }
         let selector = format!("{}={}", super::LABEL_MANAGED_BY, super::MANAGER);
+        // Metadata only: the versions are what it compares (no refresh token on the wire).
         let mut params = kube::api::ListParams::default().labels(&selector).limit(LIST_PAGE);
         loop {
-            let page = match api.list(&params).await {
+            let page = match api.list_metadata(&params).await {
                 Ok(page) => page,
                 Err(err) => {
                     *self.list_failed.lock().unwrap() = Some((epoch, tokio::time::Instant::now()));
@@ -397,7 +401,7 @@ impl SecretCache {
                 }
             };
             for secret in &page.items {
-                self.confirm_listed(secret, epoch);
+                self.confirm_listed(&secret.metadata, epoch);
             }
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(token) => params = params.continue_token(&token),
@@ -409,9 +413,9 @@ impl SecretCache {
     }
 
     /// A Secret of a consistent LIST in term `epoch`: the copy kept at its version is confirmed.
-    fn confirm_listed(&self, secret: &Secret, epoch: u64) {
-        let listed = secret.metadata.resource_version.as_deref().unwrap_or_default();
-        if let Some(kept) = self.owned.map.write().unwrap().get_mut(&key_of(&secret.metadata))
+    fn confirm_listed(&self, metadata: &ObjectMeta, epoch: u64) {
+        let listed = metadata.resource_version.as_deref().unwrap_or_default();
+        if let Some(kept) = self.owned.map.write().unwrap().get_mut(&key_of(metadata))
             && &*kept.meta.resource_version == listed
         {
             kept.own = kept.own.max(epoch);
@@ -661,10 +665,10 @@ mod tests {
         cache.apply_owned(&watcher::Event::Apply(state("c-wgtwo-state", "4")));
         assert_eq!(cache.confirmed_version("ns", "a-wgtwo-state", 2), None, "a watch copy needs confirming");
         for listed in [state("a-wgtwo-state", "5"), state("b-wgtwo-state", "7"), state("d-wgtwo-state", "6")] {
-            cache.confirm_listed(&listed, 2);
+            cache.confirm_listed(&listed.metadata, 2);
         }
         cache.apply_owned(&watcher::Event::Delete(state("c-wgtwo-state", "4")));
-        cache.confirm_listed(&state("c-wgtwo-state", "4"), 2);
+        cache.confirm_listed(&state("c-wgtwo-state", "4").metadata, 2);
         assert_eq!(
             cache.confirmed_version("ns", "a-wgtwo-state", 2).as_deref(),
             Some("5"),
@@ -680,7 +684,7 @@ mod tests {
         assert_eq!(cache.confirmed_version("ns", "e-wgtwo-state", 1), None);
         // A LIST of an earlier term that finishes late does not take a newer term's mark away.
         cache.wrote(&state("f-wgtwo-state", "12"), 3);
-        cache.confirm_listed(&state("f-wgtwo-state", "12"), 2);
+        cache.confirm_listed(&state("f-wgtwo-state", "12").metadata, 2);
         assert_eq!(cache.confirmed_version("ns", "f-wgtwo-state", 3).as_deref(), Some("12"));
     }
 

@@ -1,13 +1,16 @@
-//! When each grant is next looked at (its next refresh, a recheck, a retry), kept compactly and fed
-//! to the controller as triggers when due.
+//! When each grant is next looked at (its next refresh, a recheck, a retry, a change), kept
+//! compactly and fed to the controller as triggers when due, only as fast as it starts reconciles.
 //!
 //! kube's Controller can requeue by itself, but its scheduler keeps every request twice (a map key
 //! and a delay-queue slot), each with the object reference's four strings: about 700 bytes per grant,
-//! and every grant here is always scheduled. This keeps one shared key and an instant per grant in
-//! two indexes (well under 200 bytes). A due grant goes through the Controller like any trigger:
-//! never two reconciles of one grant at once, one that is running runs again after.
+//! and every grant here is always scheduled. Its tables also never shrink: every trigger handed to it
+//! at once (a start, a relist, a new leadership term: one per grant) would size them for every grant
+//! for good. This keeps one shared key and an instant per grant in two indexes (well under 200
+//! bytes), and hands the Controller at most `limit` grants whose reconcile has not started yet. A
+//! due grant goes through the Controller like any trigger: never two reconciles of one grant at
+//! once, one that is running runs again after.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,13 +51,28 @@ type Key = Arc<str>;
 struct State {
     due: BTreeSet<(Instant, Key)>,
     at: HashMap<Key, Instant>,
+    /// Grants to look at as soon as the Controller has room (a change, a start, a new term), in
+    /// the order they came. Apart from `due`: a reconcile that started before the change must not
+    /// replace it with its own next instant.
+    ready: VecDeque<Key>,
+    /// What `ready` holds.
+    queued: HashSet<Key>,
+    /// Handed to the Controller, their reconcile not started yet.
+    handed: HashSet<Key>,
 }
 
-#[derive(Default)]
 pub struct Timers {
     state: Mutex<State>,
-    /// An earlier instant than the one the stream sleeps until was set.
-    earlier: Notify,
+    /// An earlier instant or a ready grant was set, or a handed grant's reconcile started.
+    wake: Notify,
+    /// At most this many grants handed to the Controller and not started.
+    limit: usize,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Self::new(32)
+    }
 }
 
 fn key_of(grant: &ObjectRef<WgtwoGrant>) -> String {
@@ -62,6 +80,12 @@ fn key_of(grant: &ObjectRef<WgtwoGrant>) -> String {
 }
 
 impl Timers {
+    /// Timers that hand the Controller at most `limit` grants it has not started (a few times its
+    /// concurrency keeps every slot busy).
+    pub fn new(limit: usize) -> Self {
+        Self { state: Mutex::default(), wake: Notify::new(), limit: limit.max(1) }
+    }
+
     /// Records `next` for the grant (replacing what was set) and returns what the Controller is
     /// told: nothing, the timer triggers it.
     pub fn schedule(&self, grant: &ObjectRef<WgtwoGrant>, next: Next) -> Action {
@@ -89,7 +113,27 @@ impl Timers {
         state.at.insert(key, at);
         drop(state);
         if first {
-            self.earlier.notify_one();
+            self.wake.notify_one();
+        }
+    }
+
+    /// The grant is to be looked at as soon as the Controller has room (whatever its timer says;
+    /// once looked at, its reconcile sets the next one).
+    pub fn trigger(&self, namespace: &str, name: &str) {
+        let key: Key = format!("{namespace}/{name}").into();
+        let mut state = self.state.lock().unwrap();
+        if state.queued.insert(key.clone()) {
+            state.ready.push_back(key);
+            drop(state);
+            self.wake.notify_one();
+        }
+    }
+
+    /// A reconcile of the grant started (or the Controller dropped its trigger): room for another.
+    pub fn started(&self, namespace: &str, name: &str) {
+        let key = format!("{namespace}/{name}");
+        if self.state.lock().unwrap().handed.remove(key.as_str()) {
+            self.wake.notify_one();
         }
     }
 
@@ -106,12 +150,14 @@ impl Timers {
     }
 
     /// Keeps only the grants in `alive` (after a relist, which may hide deletions).
-    pub fn retain(&self, alive: &std::collections::HashSet<ObjectRef<WgtwoGrant>>) {
-        let alive: std::collections::HashSet<String> = alive.iter().map(key_of).collect();
+    pub fn retain(&self, alive: &HashSet<ObjectRef<WgtwoGrant>>) {
+        let alive: HashSet<String> = alive.iter().map(key_of).collect();
         let mut state = self.state.lock().unwrap();
         state.due.retain(|(_, key)| alive.contains(&**key));
         state.at.retain(|key, _| alive.contains(&**key));
         state.at.shrink_to_fit();
+        state.ready.retain(|key| alive.contains(&**key));
+        state.queued.retain(|key| alive.contains(&**key));
     }
 
     #[cfg(test)]
@@ -124,21 +170,52 @@ impl Timers {
         self.len() == 0
     }
 
-    /// Takes the grants due at `now`, earliest first; else when the next one is due.
+    /// Takes the grants to look at now, in the order they came (a change when it came, a timer when
+    /// it came due), as many as the Controller has room for; else when the next timer is due
+    /// (`None`: when woken). A change for a grant handed already whose reconcile has not started
+    /// stays ready until it starts: kube may have read the grant for it already (it runs it again
+    /// after). A timer coming due for such a grant is dropped: kube reads the grant after it.
     fn take_due(&self, now: Instant) -> Result<Vec<ObjectRef<Grant>>, Option<Instant>> {
-        let mut state = self.state.lock().unwrap();
-        let mut out = Vec::new();
+        let mut guard = self.state.lock().unwrap();
+        let state = &mut *guard;
         while let Some((at, _)) = state.due.first()
             && *at <= now
         {
             let (_, key) = state.due.pop_first().expect("just seen");
             state.at.remove(&key);
+            // `ready` holds every key of `queued`: a key there already stands for this one.
+            if !state.handed.contains(&key) && state.queued.insert(key.clone()) {
+                state.ready.push_back(key);
+            }
+        }
+        let mut out = Vec::new();
+        let mut waiting = Vec::new();
+        while state.handed.len() < self.limit
+            && let Some(key) = state.ready.pop_front()
+        {
+            if state.handed.contains(&key) {
+                waiting.push(key);
+                continue;
+            }
+            state.queued.remove(&key);
             let (namespace, name) = key.split_once('/').expect("keys are namespace/name");
             out.push(ObjectRef::new(name).within(namespace));
+            state.handed.insert(key);
         }
-        match out.is_empty() {
-            true => Err(state.due.first().map(|(at, _)| *at)),
-            false => Ok(out),
+        for key in waiting.into_iter().rev() {
+            state.ready.push_front(key);
+        }
+        if state.ready.is_empty() && state.queued.capacity() > 64 {
+            // Give the tables a start or a new term sized for every grant back.
+            state.ready.shrink_to_fit();
+            state.queued.shrink_to_fit();
+        }
+        match (out.is_empty(), state.handed.len() < self.limit) {
+            (false, _) => Ok(out),
+            // Grants waiting in `ready` for their reconcile to start are woken by that start.
+            (true, true) => Err(state.due.first().map(|(at, _)| *at)),
+            // No room: a start wakes it.
+            (true, false) => Err(None),
         }
     }
 
@@ -146,8 +223,9 @@ impl Timers {
     pub fn due(self: Arc<Self>) -> impl Stream<Item = ObjectRef<Grant>> + Send + 'static {
         futures::stream::unfold(self, |timers| async move {
             loop {
-                // `set` wakes it with `notify_one`, whose permit waits for this if nobody waits yet.
-                let earlier = timers.earlier.notified();
+                // `set`, `trigger` and `started` wake it with `notify_one`, whose permit waits for
+                // this if nobody waits yet.
+                let earlier = timers.wake.notified();
                 let due = timers.take_due(Instant::now());
                 match due {
                     Ok(due) => {
@@ -238,6 +316,103 @@ mod tests {
         assert!(timers.is_empty());
         timers.schedule(&grant("a"), Next::requeue(Duration::MAX));
         assert!(timers.is_empty());
+    }
+
+    /// The next grant the stream hands over within a second, if any.
+    async fn handed(stream: &mut (impl Stream<Item = ObjectRef<Grant>> + Unpin)) -> Option<String> {
+        tokio::time::timeout(Duration::from_secs(1), stream.next()).await.ok().flatten().map(|g| g.name)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_controller_is_handed_at_most_the_limit_of_grants_not_started_and_more_as_they_start() {
+        let timers = Arc::new(Timers::new(2));
+        let mut due = Box::pin(timers.clone().due());
+        // A start: every grant triggered at once.
+        for name in ["a", "b", "c", "d"] {
+            timers.trigger("ns", name);
+        }
+        assert_eq!(handed(&mut due).await.as_deref(), Some("a"));
+        assert_eq!(handed(&mut due).await.as_deref(), Some("b"));
+        assert_eq!(handed(&mut due).await, None, "two handed, neither started: no room");
+        // A timer coming due waits for room too.
+        timers.set(&grant("timed"), Instant::now());
+        assert_eq!(handed(&mut due).await, None);
+        timers.started("ns", "a");
+        assert_eq!(handed(&mut due).await.as_deref(), Some("c"));
+        assert_eq!(handed(&mut due).await, None);
+        // (The Controller reports one it dropped, deleted before it started, the same way.)
+        timers.started("ns", "b");
+        timers.started("ns", "c");
+        assert_eq!(handed(&mut due).await.as_deref(), Some("d"));
+        assert_eq!(handed(&mut due).await.as_deref(), Some("timed"));
+        assert_eq!(handed(&mut due).await, None);
+        let state = timers.state.lock().unwrap();
+        assert!(state.ready.is_empty() && state.queued.is_empty() && state.due.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_during_a_reconcile_is_not_replaced_by_the_next_instant_it_sets() {
+        let timers = Arc::new(Timers::new(4));
+        let mut due = Box::pin(timers.clone().due());
+        timers.trigger("ns", "a");
+        assert_eq!(handed(&mut due).await.as_deref(), Some("a"));
+        timers.started("ns", "a");
+        // A change while it runs, then the reconcile ends and sets its next look an hour away.
+        timers.trigger("ns", "a");
+        timers.schedule(&grant("a"), Next::requeue(Duration::from_secs(3600)));
+        assert_eq!(handed(&mut due).await.as_deref(), Some("a"), "the change is looked at now");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_grant_handed_and_not_started_is_handed_again_only_once_it_starts() {
+        let timers = Arc::new(Timers::new(4));
+        let mut due = Box::pin(timers.clone().due());
+        timers.trigger("ns", "a");
+        assert_eq!(handed(&mut due).await.as_deref(), Some("a"));
+        // A change after kube may have read the grant for it: kept until it starts.
+        timers.trigger("ns", "a");
+        timers.trigger("ns", "b");
+        assert_eq!(handed(&mut due).await.as_deref(), Some("b"), "others are not held up");
+        assert_eq!(handed(&mut due).await, None, "a is handed already");
+        timers.started("ns", "a");
+        assert_eq!(handed(&mut due).await.as_deref(), Some("a"));
+        timers.started("ns", "a");
+        assert_eq!(handed(&mut due).await, None, "once");
+        // Its timer coming due before it starts: kube reads the grant after that, so no second run.
+        timers.trigger("ns", "a");
+        assert_eq!(handed(&mut due).await.as_deref(), Some("a"));
+        timers.set(&grant("a"), Instant::now());
+        assert_eq!(handed(&mut due).await, None);
+        timers.started("ns", "a");
+        assert_eq!(handed(&mut due).await, None, "the timer was covered by the handed run");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timers_that_came_due_are_handed_in_turn_with_changes_not_after_every_change() {
+        let timers = Arc::new(Timers::new(1));
+        let mut due = Box::pin(timers.clone().due());
+        timers.trigger("ns", "first");
+        timers.set(&grant("timed"), Instant::now());
+        assert_eq!(handed(&mut due).await.as_deref(), Some("first"));
+        // A backlog of changes that came after the timer came due.
+        for name in ["x", "y"] {
+            timers.trigger("ns", name);
+        }
+        timers.started("ns", "first");
+        assert_eq!(handed(&mut due).await.as_deref(), Some("timed"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_comes_due_on_time_while_a_change_waits_for_its_grants_reconcile_to_start() {
+        let timers = Arc::new(Timers::new(4));
+        let mut due = Box::pin(timers.clone().due());
+        timers.trigger("ns", "a");
+        assert_eq!(handed(&mut due).await.as_deref(), Some("a"));
+        timers.trigger("ns", "a");
+        let start = Instant::now();
+        timers.set(&grant("x"), start + Duration::from_secs(10));
+        assert_eq!(tokio::time::timeout(Duration::from_secs(11), due.next()).await.unwrap().unwrap().name, "x");
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,6 +2,9 @@
 //! the operator's own Secrets with data) that feed the caches, the index and the reconcile
 //! triggers; the run until shutdown, and the kept answers' last chance at shutdown.
 
+use kube::runtime::controller::Error as ControllerError;
+
+use super::timers::Timers;
 use super::*;
 
 /// How long the apiserver keeps one watch open (kube's default is 290 s): with the watch client's
@@ -71,8 +74,28 @@ pub async fn run(
     };
     let grant_index = index.clone();
     let grants_done = mark_synced.clone();
+    // The grants whose change the controller acts on (another object under the name, the spec, the
+    // refresh request), decided against the store's copy before the reflector replaces it (kube's
+    // predicate_filter would keep three strings and a hash per grant for good), and triggered once
+    // the store holds the new copy: an Apply's at once, a (re)list's at its end (until then the
+    // store holds the old copies, which a reconcile would read).
+    let changed: Arc<std::sync::Mutex<Vec<ObjectRef<WgtwoGrant>>>> = Default::default();
+    let (mark, before) = (changed.clone(), store.clone());
     let grant_changes = watcher(grants, watch_config(streaming))
         .default_backoff()
+        .map_ok(move |event| {
+            match &event {
+                watcher::Event::Apply(g) | watcher::Event::InitApply(g)
+                    if g.changed_from(before.get(&ObjectRef::from_obj(g)).as_deref()) =>
+                {
+                    mark.lock().unwrap().push(g.key());
+                }
+                // A (re)list (again, if one broke off): compared with the same store anew.
+                watcher::Event::Init => mark.lock().unwrap().clear(),
+                _ => {}
+            }
+            event
+        })
         .reflect(writer)
         .inspect_ok(move |event| match event {
             watcher::Event::Apply(g) => {
@@ -105,12 +128,11 @@ pub async fn run(
                 grants_done();
             }
             watcher::Event::Init => {}
-        })
-        .applied_objects()
-        // Spec changes and refresh requests only: a status patch after a failed refresh must not
-        // bypass the backoff.
-        .predicate_filter(predicates::generation.combine(refresh_requested), Default::default());
-    let controller = Controller::for_stream(grant_changes, store.clone())
+        });
+    // Every trigger goes through the timers, which hand the Controller only as many grants as it
+    // starts (its scheduler would otherwise take one request per grant at a start and keep tables
+    // that size for good); no trigger stream of its own.
+    let controller = Controller::for_stream(futures::stream::pending(), store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
     // Every Secret as metadata only (no data, no managedFields): whether it exists, its version
     // and owner. The operator never caches the data of anyone's Secrets.
@@ -163,23 +185,77 @@ pub async fn run(
                 _ => None,
             }))
         });
-    let by_meta = index;
-    controller
-        .watches_stream(secret_changes, move |secret| users_of(&by_meta, &secret.namespace(), &secret.name_any()))
-        // The operator's own Secrets name their grant in a label.
-        .watches_stream(owned_changes, |secret| grant_of(&secret))
-        // A standby ignores everything; on becoming the leader it looks at every grant.
-        .reconcile_all_on(shared.leadership.became_leader())
-        // Next refreshes, rechecks and retries (kept compactly, not in kube's scheduler).
+    let (by_meta, timers) = (index, ctx.timers.clone());
+    let mut feeds = tokio::task::JoinSet::new();
+    // Not a status patch (after a failed refresh it must not bypass the backoff).
+    feeds.spawn(feed("WgtwoGrant", grant_changes, timers.clone(), move |event: &watcher::Event<Grant>| match event {
+        watcher::Event::Apply(_) | watcher::Event::InitDone => std::mem::take(&mut *changed.lock().unwrap()),
+        _ => Vec::new(),
+    }));
+    feeds.spawn(feed("Secret metadata", secret_changes, timers.clone(), move |secret: &PartialObjectMeta<Secret>| {
+        users_of(&by_meta, &secret.namespace(), &secret.name_any())
+    }));
+    // The operator's own Secrets name their grant in a label.
+    feeds.spawn(feed("operator Secret", owned_changes, timers.clone(), |secret: &Secret| {
+        grant_of(secret).into_iter().collect()
+    }));
+    // A standby ignores everything; on becoming the leader it looks at every grant.
+    feeds.spawn({
+        let (became_leader, store, timers) = (shared.leadership.became_leader(), store.clone(), timers.clone());
+        async move {
+            became_leader
+                .for_each(move |()| {
+                    for grant in store.state() {
+                        timers.trigger(&grant.namespace().unwrap_or_default(), &grant.name_any());
+                    }
+                    std::future::ready(())
+                })
+                .await;
+            "leadership"
+        }
+    });
+    // A feed that ends (it should not: watches retry) stops the controller the graceful way, so
+    // kept answers still get their writes; then the process fails.
+    let stop = shutdown.child_token();
+    let started = ctx.timers.clone();
+    let controller = controller
+        // Changes, next refreshes, rechecks and retries (kept compactly, not in kube's scheduler).
         .reconcile_on(ctx.timers.clone().due())
-        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(reconcile, error_policy, ctx.clone())
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                warn!(error = %err, "reconcile failed");
+        .for_each(|result| {
+            match result {
+                // Deleted after it was handed over: no reconcile starts for it.
+                Err(ControllerError::ObjectNotFound(grant)) => {
+                    started.started(grant.namespace.as_deref().unwrap_or_default(), &grant.name);
+                }
+                Err(err) => warn!(error = %err, "reconcile failed"),
+                Ok(_) => {}
             }
-        })
-        .await;
+            std::future::ready(())
+        });
+    let mut controller = std::pin::pin!(controller);
+    let ended = tokio::select! {
+        () = &mut controller => None,
+        ended = feeds.join_next() => {
+            error!(watch = ended.as_ref().and_then(|e| e.as_ref().ok()).copied().unwrap_or("a task"), "a watch ended; stopping");
+            stop.cancel();
+            controller.await;
+            ended
+        }
+    };
+    // The controller stopped without a signal: its grant store never became ready (the grant
+    // watch's task ended before its first list).
+    let on_its_own = ended.is_none() && !shutdown.is_cancelled();
+    feeds.abort_all();
+    let mut panicked = None;
+    while let Some(result) = feeds.join_next().await {
+        if let Err(err) = result
+            && err.is_panic()
+        {
+            panicked.get_or_insert(err.into_panic());
+        }
+    }
     let since = match signalled.is_finished() {
         true => signalled.await.unwrap_or_else(|_| tokio::time::Instant::now()),
         false => {
@@ -193,6 +269,14 @@ pub async fn run(
         error!(grants = ?lost, "stopped with rotated refresh tokens that could not be persisted; the journal keeps them, and a restart in this pod writes them to the state Secrets");
     } else if !lost.is_empty() {
         error!(grants = ?lost, "stopped with rotated refresh tokens that could not be persisted; these grants need re-authorization unless the identity service has a rotation grace period");
+    }
+    match ended {
+        Some(Err(err)) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        _ if panicked.is_some() => std::panic::resume_unwind(panicked.expect("just checked")),
+        Some(Ok(what)) => anyhow::bail!("the {what} watch ended"),
+        Some(Err(err)) => anyhow::bail!("a watch task failed: {err}"),
+        None if on_its_own => anyhow::bail!("the controller stopped without a shutdown signal"),
+        None => {}
     }
     info!("controller stopped");
     Ok(lost.len())
@@ -229,21 +313,38 @@ pub(super) async fn persist_kept(ctx: &Arc<Context>, deadline: tokio::time::Inst
     }
 }
 
+/// Drives a watch and hands the grants each item it yields concerns to the timers, to be looked at
+/// as soon as the Controller has room. A watch error is logged; the watch retries by itself.
+async fn feed<T, S>(
+    what: &'static str,
+    stream: S,
+    timers: Arc<Timers>,
+    grants_of: impl Fn(&T) -> Vec<ObjectRef<WgtwoGrant>> + Send + 'static,
+) -> &'static str
+where
+    S: futures::Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+{
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(item) => {
+                for grant in grants_of(&item) {
+                    timers.trigger(grant.namespace.as_deref().unwrap_or_default(), &grant.name);
+                }
+            }
+            Err(err) => warn!(watch = what, error = %err, "watch failed; retrying"),
+        }
+    }
+    what
+}
+
 /// The grant an operator-written Secret belongs to, by its label.
 fn grant_of<K: Resource<DynamicType = ()>>(secret: &Secret) -> Option<ObjectRef<K>> {
     let name = secret.labels().get(LABEL_GRANT)?;
     Some(ObjectRef::new(name).within(&secret.namespace().unwrap_or_default()))
 }
 
-/// A predicate: the grant's refresh request (the only annotation the grant cache keeps).
-fn refresh_requested(grant: &Grant) -> Option<u64> {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let mut hasher = DefaultHasher::new();
-    grant.refresh_requested.hash(&mut hasher);
-    Some(hasher.finish())
-}
-
-pub(super) fn users_of(index: &SecretIndex, namespace: &Option<String>, secret: &str) -> Vec<ObjectRef<Grant>> {
+pub(super) fn users_of(index: &SecretIndex, namespace: &Option<String>, secret: &str) -> Vec<ObjectRef<WgtwoGrant>> {
     let ns = namespace.as_deref().unwrap_or_default();
     index.grants_using(ns, secret).into_iter().map(|name| ObjectRef::new(&name).within(ns)).collect()
 }
