@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::grant::Grant;
+use super::secret_cache::key;
 use crate::api::WgtwoGrant;
 
 /// What a reconcile decided about the next look at its grant (kube's [`Action`] does not tell its
@@ -69,14 +70,8 @@ pub struct Timers {
     limit: usize,
 }
 
-impl Default for Timers {
-    fn default() -> Self {
-        Self::new(32)
-    }
-}
-
 fn key_of(grant: &ObjectRef<WgtwoGrant>) -> String {
-    format!("{}/{}", grant.namespace.as_deref().unwrap_or_default(), grant.name)
+    key(grant.namespace.as_deref().unwrap_or_default(), &grant.name)
 }
 
 impl Timers {
@@ -120,7 +115,7 @@ impl Timers {
     /// The grant is to be looked at as soon as the Controller has room (whatever its timer says;
     /// once looked at, its reconcile sets the next one).
     pub fn trigger(&self, namespace: &str, name: &str) {
-        let key: Key = format!("{namespace}/{name}").into();
+        let key: Key = key(namespace, name).into();
         let mut state = self.state.lock().unwrap();
         if state.queued.insert(key.clone()) {
             state.ready.push_back(key);
@@ -131,8 +126,7 @@ impl Timers {
 
     /// A reconcile of the grant started (or the Controller dropped its trigger): room for another.
     pub fn started(&self, namespace: &str, name: &str) {
-        let key = format!("{namespace}/{name}");
-        if self.state.lock().unwrap().handed.remove(key.as_str()) {
+        if self.state.lock().unwrap().handed.remove(key(namespace, name).as_str()) {
             self.wake.notify_one();
         }
     }
@@ -248,6 +242,8 @@ impl Timers {
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
+
     use super::*;
 
     fn grant(name: &str) -> ObjectRef<WgtwoGrant> {
@@ -263,8 +259,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn grants_come_due_in_order_and_a_new_instant_replaces_the_old() {
-        let timers = Arc::new(Timers::default());
-        let mut due = Box::pin(timers.clone().due());
+        let (timers, mut due) = with_stream(32);
         let start = Instant::now();
         timers.set(&grant("late"), start + Duration::from_secs(30));
         timers.set(&grant("early"), start + Duration::from_secs(10));
@@ -282,8 +277,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_earlier_instant_set_while_the_stream_sleeps_wakes_it() {
-        let timers = Arc::new(Timers::default());
-        let mut due = Box::pin(timers.clone().due());
+        let (timers, mut due) = with_stream(32);
         timers.set(&grant("hour"), Instant::now() + Duration::from_secs(3600));
         let setter = {
             let timers = timers.clone();
@@ -309,13 +303,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn await_change_or_an_endless_delay_unschedules_and_the_controller_is_never_told_to_requeue() {
-        let timers = Timers::default();
+        let timers = Timers::new(32);
         assert_eq!(timers.schedule(&grant("a"), Next::requeue(Duration::from_secs(60))), Action::await_change());
         assert_eq!(timers.len(), 1);
         assert_eq!(timers.schedule(&grant("a"), Next::await_change()), Action::await_change());
         assert!(timers.is_empty());
         timers.schedule(&grant("a"), Next::requeue(Duration::MAX));
         assert!(timers.is_empty());
+    }
+
+    /// Timers handing at most `limit` grants not started, and their stream.
+    fn with_stream(limit: usize) -> (Arc<Timers>, Pin<Box<impl Stream<Item = ObjectRef<Grant>>>>) {
+        let timers = Arc::new(Timers::new(limit));
+        let due = Box::pin(timers.clone().due());
+        (timers, due)
     }
 
     /// The next grant the stream hands over within a second, if any.
@@ -325,8 +326,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_controller_is_handed_at_most_the_limit_of_grants_not_started_and_more_as_they_start() {
-        let timers = Arc::new(Timers::new(2));
-        let mut due = Box::pin(timers.clone().due());
+        let (timers, mut due) = with_stream(2);
         // A start: every grant triggered at once.
         for name in ["a", "b", "c", "d"] {
             timers.trigger("ns", name);
@@ -352,8 +352,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_change_during_a_reconcile_is_not_replaced_by_the_next_instant_it_sets() {
-        let timers = Arc::new(Timers::new(4));
-        let mut due = Box::pin(timers.clone().due());
+        let (timers, mut due) = with_stream(4);
         timers.trigger("ns", "a");
         assert_eq!(handed(&mut due).await.as_deref(), Some("a"));
         timers.started("ns", "a");
@@ -365,8 +364,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_grant_handed_and_not_started_is_handed_again_only_once_it_starts() {
-        let timers = Arc::new(Timers::new(4));
-        let mut due = Box::pin(timers.clone().due());
+        let (timers, mut due) = with_stream(4);
         timers.trigger("ns", "a");
         assert_eq!(handed(&mut due).await.as_deref(), Some("a"));
         // A change after kube may have read the grant for it: kept until it starts.
@@ -389,8 +387,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn timers_that_came_due_are_handed_in_turn_with_changes_not_after_every_change() {
-        let timers = Arc::new(Timers::new(1));
-        let mut due = Box::pin(timers.clone().due());
+        let (timers, mut due) = with_stream(1);
         timers.trigger("ns", "first");
         timers.set(&grant("timed"), Instant::now());
         assert_eq!(handed(&mut due).await.as_deref(), Some("first"));
@@ -404,8 +401,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_timer_comes_due_on_time_while_a_change_waits_for_its_grants_reconcile_to_start() {
-        let timers = Arc::new(Timers::new(4));
-        let mut due = Box::pin(timers.clone().due());
+        let (timers, mut due) = with_stream(4);
         timers.trigger("ns", "a");
         assert_eq!(handed(&mut due).await.as_deref(), Some("a"));
         timers.trigger("ns", "a");
@@ -417,7 +413,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_relist_drops_the_timers_of_grants_it_no_longer_shows() {
-        let timers = Timers::default();
+        let timers = Timers::new(32);
         for name in ["kept", "deleted"] {
             timers.schedule(&grant(name), Next::requeue(Duration::from_secs(60)));
         }
